@@ -65,4 +65,6 @@ d = { 'settings': { 'branch': 'main',
                                    'minidiff.schedule.betas_for_alpha_bar': ('schedule.html#betas_for_alpha_bar', 'minidiff/schedule.py'),
                                    'minidiff.schedule.make_betas': ('schedule.html#make_betas', 'minidiff/schedule.py'),
                                    'minidiff.schedule.rescale_zero_terminal_snr': ( 'schedule.html#rescale_zero_terminal_snr',
-                                                                                    'minidiff/schedule.py')}}}
+                                                                                    'minidiff/schedule.py'),
+                                   'minidiff.schedule.scheduler_loop': ('schedule.html#scheduler_loop', 'minidiff/schedule.py'),
+                                   'minidiff.schedule.toy_model_fn': ('schedule.html#toy_model_fn', 'minidiff/schedule.py')}}}
