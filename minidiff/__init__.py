@@ -6,7 +6,10 @@ __version__ = "0.0.1"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_init.ipynb #098c9cf9
+# %% ../nbs/99_init.ipynb #7159ffb6
 from .core import BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid, show_images, numpy_to_pil
 from .loading import ModelMixin, CheckpointError
 from .schedule import SchedulerMixin, SchedulerOutput
+from .ddpm_scheduler import DDPMScheduler
+from .unet2d import UNet2DModel
+from .pipeline import DiffusionPipeline, DDPMPipeline, ImagePipelineOutput
