@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from minidiff.core import CheckpointNotFoundError
-from minidiff.tokenizer import CLIPTokenizer, find_bpe_file, BPE_FILE_NAME
+from minidiff.tokenizer import CLIPTokenizer, find_bpe_file, BPE_FILE_NAME, MAX_CACHED_WORDS
 
 SD_TOKENIZER_CONFIGS = Path('/work/shared/reference/configs/runwayml_stable-diffusion-v1-5/tokenizer')
 KNOWN_IDS = {  # CHECKPOINTS.md section 5, "CLIP token ids"
@@ -198,6 +198,8 @@ def test_cache_gives_same_ids(tok):
     prompt = "an unusual zxqvword appears twice: zxqvword"
     assert fresh.encode(prompt) == fresh.encode(prompt) == tok.encode(prompt)
     assert 'zxqvword' in fresh.cache
+    fresh.cache.update({str(i): [i] for i in range(MAX_CACHED_WORDS)})  # a full cache is emptied, then refilled
+    assert fresh.encode(prompt) == tok.encode(prompt) and len(fresh.cache) < 10
 
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize('text', [3, None, b"a cat", ["a cat", 3], [["a cat"]], {"a": 1}])
@@ -211,7 +213,8 @@ def test_non_string_encode(tok):
                                      (dict(padding="max_length", max_length=1000), "model_max_length=77"),
                                      (dict(truncation=True, max_length=1), "between 2"),
                                      (dict(padding="max"), "padding must be one of"),
-                                     (dict(return_tensors="np"), "return_tensors")])
+                                     (dict(return_tensors="np"), "return_tensors"),
+                                     (dict(truncation="only_second"), "truncation must be True or False")])
 def test_bad_arguments(tok, kw, msg):
     with pytest.raises(ValueError, match=msg): tok("a cat", **kw)
 
