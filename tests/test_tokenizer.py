@@ -198,8 +198,9 @@ def test_cache_gives_same_ids(tok):
     prompt = "an unusual zxqvword appears twice: zxqvword"
     assert fresh.encode(prompt) == fresh.encode(prompt) == tok.encode(prompt)
     assert 'zxqvword' in fresh.cache
-    fresh.cache.update({str(i): [i] for i in range(MAX_CACHED_WORDS)})  # a full cache is emptied, then refilled
-    assert fresh.encode(prompt) == tok.encode(prompt) and len(fresh.cache) < 10
+    fresh.cache.update({f"filler{i}": [0] for i in range(MAX_CACHED_WORDS)})  # a full cache is emptied on a miss
+    assert fresh.encode("a new qqzzword") == tok.encode("a new qqzzword")
+    assert len(fresh.cache) <= 3 and 'qqzzword' in fresh.cache
 
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize('text', [3, None, b"a cat", ["a cat", 3], [["a cat"]], {"a": 1}])
