@@ -161,6 +161,11 @@ def test_safetensors_preferred_over_bin(tiny, tmp_path):
     for name in ('model.safetensors', 'config.json'): (tmp_path/name).write_bytes((folder/name).read_bytes())
     (tmp_path/'pytorch_model.bin').write_bytes(b'not a pickle')   # never read while model.safetensors exists
     CLIPTextModel.from_pretrained(tmp_path)
+    CLIPTextModel.from_pretrained(tmp_path, use_safetensors=True)
+    with pytest.raises(CheckpointError, match='pytorch_model.bin'): CLIPTextModel.from_pretrained(tmp_path, use_safetensors=False)
+    (tmp_path/'model.safetensors').unlink()
+    with pytest.raises(CheckpointNotFoundError, match='looked for model.safetensors[.]'):
+        CLIPTextModel.from_pretrained(tmp_path, use_safetensors=True)
 
 
 def test_transformers5_files_without_prefix(tiny, tmp_path):
