@@ -126,5 +126,14 @@ def test_plms_before_prk_warmup():
     s = PNDMScheduler(skip_prk_steps=False); s.set_timesteps(10)
     with pytest.raises(ValueError, match="12 PRK warm-up steps"): s.step_plms(torch.zeros(1), 900, torch.zeros(1))
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize('skip_prk_steps', [True, False])
+def test_low_and_high_precision_parity(dtype, skip_prk_steps):
+    xs = [scheduler_loop(cls.from_config(SD, skip_prk_steps=skip_prk_steps), 10, sample().to(dtype), toy_model_fn)[1]
+          for cls in (PNDMScheduler, diffusers.PNDMScheduler)]
+    for x, x_ref in zip(*xs):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+
 def test_worst_parity_error_report():
     if WORST: print(f"\nPNDM worst |ours - diffusers| over {len(WORST)} loops: {max(WORST.values()):.3e}")

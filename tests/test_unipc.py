@@ -141,3 +141,13 @@ def test_step_before_set_timesteps():
 def test_worst_parity_error_report():
     "Runs last: prints the worst absolute error of the parity grid (0 when the loops are bit-identical)."
     if WORST: print(f"\nUniPC worst |ours - diffusers| over {len(WORST)} loops: {max(WORST.values()):.3e}")
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize('kw', [{}, dict(solver_order=3), dict(thresholding=True)])
+def test_low_and_high_precision_parity(dtype, kw):
+    "Samples keep their dtype and match diffusers in it (sigmas stay float32, as in diffusers)."
+    xs = [scheduler_loop(cls.from_config(SD, **kw), 10, sample().to(dtype), toy_model_fn)[1]
+          for cls in (UniPCMultistepScheduler, diffusers.UniPCMultistepScheduler)]
+    for x, x_ref in zip(*xs):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
