@@ -111,7 +111,7 @@ def test_configs_across_schedulers(tmp_path):
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg): PNDMScheduler.from_config(SD, **kw)
 
-@pytest.mark.parametrize('n', [0, -1, 1001, 2.5, '10'])
+@pytest.mark.parametrize('n', [0, -1, 1001, 2.5, '10', True])
 def test_bad_num_inference_steps_keeps_state(n):
     s = PNDMScheduler.from_config(SD); s.set_timesteps(10)
     ts = s.timesteps.clone()
