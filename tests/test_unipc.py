@@ -153,3 +153,10 @@ def test_low_and_high_precision_parity(dtype, kw):
     for x, x_ref in zip(*xs):
         assert x.dtype == dtype
         torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+
+def test_step_after_last_timestep():
+    s = UniPCMultistepScheduler.from_config(SD); s.set_timesteps(2)
+    x = sample()
+    for t in s.timesteps: x = s.step(toy_model_fn(x, t), t, x).prev_sample
+    with pytest.raises(ValueError, match="all 2 steps are done: call set_timesteps"): s.step(x, 0, x)
+    s.set_timesteps(2); s.step(toy_model_fn(x, 999), 999, x)
