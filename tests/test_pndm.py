@@ -40,7 +40,8 @@ def test_full_loop_parity(name, config, kw, n):
         return
     ts, xs = scheduler_loop(ours, n, sample(), toy_model_fn)
     ts_ref, xs_ref = scheduler_loop(ref, n, sample(), toy_model_fn)
-    assert ts.tolist() == ts_ref.tolist()
+    assert ts.tolist() == ts_ref.tolist() and ours.init_noise_sigma == ref.init_noise_sigma
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod) and torch.equal(ours.final_alpha_cumprod, ref.final_alpha_cumprod)
     assert len(xs) == len(xs_ref) == ((n + 1 if n > 1 else 1) if kw['skip_prk_steps'] else 4 * 3 + n - 3)
     for x, x_ref in zip(xs, xs_ref): torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
     WORST[name, str(kw), n] = max((x - x_ref).abs().max().item() for x, x_ref in zip(xs, xs_ref))

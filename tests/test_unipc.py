@@ -26,8 +26,12 @@ WORST = {}
 def sample(): return (torch.arange(768).reshape(3, 8, 8, 4) / 768).permute(3, 0, 1, 2)
 
 def loop_pair(config, n, **kw):
-    ts, xs = scheduler_loop(UniPCMultistepScheduler.from_config(config, **kw), n, sample(), toy_model_fn)
-    ts_ref, xs_ref = scheduler_loop(diffusers.UniPCMultistepScheduler.from_config(config, **kw), n, sample(), toy_model_fn)
+    ours, ref = UniPCMultistepScheduler.from_config(config, **kw), diffusers.UniPCMultistepScheduler.from_config(config, **kw)
+    ts, xs = scheduler_loop(ours, n, sample(), toy_model_fn)
+    ts_ref, xs_ref = scheduler_loop(ref, n, sample(), toy_model_fn)
+    assert ours.init_noise_sigma == ref.init_noise_sigma
+    exact = not kw.get('rescale_betas_zero_snr')   # minidiff.schedule.rescale_zero_terminal_snr rounds differently (~1 ulp)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0 if exact else 1e-5, atol=0)
     return ts, xs, ts_ref, xs_ref
 
 def _grid():
