@@ -1,11 +1,13 @@
 "DPMSolverMultistepScheduler: bad input, and parity with diffusers beyond the notebook's cases."
-import json, tempfile, warnings
+import json, tempfile
+from pathlib import Path
+import warnings
 import pytest, torch
 import diffusers
 from minidiff.dpm_solver import DPMSolverMultistepScheduler
 from minidiff.schedule import toy_model_fn
 
-CONFIGS = '/work/shared/reference/configs'
+CONFIGS = Path(__file__).parents[1] / 'nbs/configs'  # the real Hub files, vendored
 SD = json.load(open(f'{CONFIGS}/runwayml_stable-diffusion-v1-5/scheduler/scheduler_config.json'))
 CAT = json.load(open(f'{CONFIGS}/google_ddpm-cat-256/scheduler_config.json'))
 STEPS = [1, 2, 3, 5, 10, 25, 50]

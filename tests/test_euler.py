@@ -1,11 +1,12 @@
 "Euler and Euler-ancestral schedulers: bad input, and parity with diffusers beyond the notebook's cases."
 import json, tempfile
+from pathlib import Path
 import pytest, torch
 import diffusers
 from minidiff.euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
-CONFIGS = '/work/shared/reference/configs'
+CONFIGS = Path(__file__).parents[1] / 'nbs/configs'  # the real Hub files, vendored
 SD = json.load(open(f'{CONFIGS}/runwayml_stable-diffusion-v1-5/scheduler/scheduler_config.json'))
 CAT = json.load(open(f'{CONFIGS}/google_ddpm-cat-256/scheduler_config.json'))
 PAIRS = [(EulerDiscreteScheduler, diffusers.EulerDiscreteScheduler),
