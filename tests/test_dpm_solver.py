@@ -1,0 +1,150 @@
+"DPMSolverMultistepScheduler: bad input, and parity with diffusers beyond the notebook's cases."
+import json, tempfile
+from pathlib import Path
+import warnings
+import pytest, torch
+import diffusers
+from minidiff.dpm_solver import DPMSolverMultistepScheduler
+from minidiff.schedule import toy_model_fn
+
+CONFIGS = Path(__file__).parents[1] / 'nbs/configs'  # the real Hub files, vendored
+SD = json.load(open(f'{CONFIGS}/runwayml_stable-diffusion-v1-5/scheduler/scheduler_config.json'))
+CAT = json.load(open(f'{CONFIGS}/google_ddpm-cat-256/scheduler_config.json'))
+STEPS = [1, 2, 3, 5, 10, 25, 50]
+
+def rel(a, b): return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+def pair(cfg, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # diffusers deprecates algorithm_type='dpmsolver'
+        return DPMSolverMultistepScheduler.from_config(cfg, **kw), diffusers.DPMSolverMultistepScheduler.from_config(cfg, **kw)
+
+def run(s, n, x, model=toy_model_fn, begin_index=None):
+    s.set_timesteps(n)
+    ts = s.timesteps if begin_index is None else s.timesteps[begin_index:]
+    if begin_index is not None: s.set_begin_index(begin_index)
+    x, outs = x * s.init_noise_sigma, []
+    for t in ts:
+        x = s.step(model(s.scale_model_input(x, t), t), t, x).prev_sample
+        outs.append(x)
+    return outs
+
+def check_loop(ours, ref, n, shape=(2, 4, 8, 8), **kw):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    a, b = run(ours, n, x, **kw), run(ref, n, x, **kw)
+    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0)
+    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=0)
+    assert ours.init_noise_sigma == ref.init_noise_sigma and ours.num_inference_steps == ref.num_inference_steps
+    err = max(rel(p, q) for p, q in zip(a, b))
+    assert err < 1e-5, (n, err)
+    return err
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kw, msg', [(dict(beta_schedule='cosine'), "beta_schedule 'cosine'"),
+                                     (dict(timestep_spacing='even'), "timestep_spacing 'even'"),
+                                     (dict(prediction_type='flow_prediction'), "prediction_type 'flow_prediction'"),
+                                     (dict(algorithm_type='dpmsolver3'), "algorithm_type 'dpmsolver3'"),
+                                     (dict(algorithm_type='sde-dpmsolver++'), "'sde-dpmsolver\\+\\+' \\(SDE solver\\) is not implemented"),
+                                     (dict(solver_type='rk4'), "solver_type 'rk4'"), (dict(solver_order=4), 'solver_order 4'),
+                                     (dict(final_sigmas_type='one'), "final_sigmas_type 'one'"),
+                                     (dict(algorithm_type='dpmsolver'), "final_sigmas_type 'zero' is not supported for algorithm_type 'dpmsolver'"),
+                                     (dict(use_lu_lambdas=True), 'use_lu_lambdas'), (dict(use_flow_sigmas=True), 'use_flow_sigmas'),
+                                     (dict(use_exponential_sigmas=True), 'use_exponential_sigmas')])
+def test_bad_config(kw, msg):
+    with pytest.raises(ValueError, match=msg): DPMSolverMultistepScheduler(**kw)
+
+def test_step_errors():
+    s = DPMSolverMultistepScheduler.from_config(SD)
+    with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), 999, torch.zeros(1))
+    for n in [0, 1001, 2.5, None]:
+        with pytest.raises(ValueError, match=f'num_inference_steps={n!r}'): s.set_timesteps(n)
+    assert s.num_inference_steps is None
+    s.set_timesteps(2)
+    for t in s.timesteps: s.step(torch.zeros(1, 1, 2, 2), t, torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match='all 2 steps are done'): s.step(torch.zeros(1, 1, 2, 2), s.timesteps[-1], torch.zeros(1, 1, 2, 2))
+
+def test_configs_from_other_schedulers_load_as_in_diffusers():
+    assert DPMSolverMultistepScheduler(solver_type='bh2').config.solver_type == 'midpoint'
+    s = DPMSolverMultistepScheduler(algorithm_type='deis', final_sigmas_type='sigma_min')
+    assert s.config.algorithm_type == 'dpmsolver++'
+    unipc = diffusers.UniPCMultistepScheduler.from_config(SD)
+    check_loop(*pair(unipc.config), 20)
+    pndm = diffusers.PNDMScheduler.from_config(SD)
+    a, b = pair(pndm.config)
+    assert a.config.timestep_spacing == b.config.timestep_spacing == 'linspace'
+    check_loop(a, b, 20)
+
+# --- parity ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('cfg', [SD, CAT])
+@pytest.mark.parametrize('pred', ['epsilon', 'v_prediction', 'sample'])
+@pytest.mark.parametrize('order', [1, 2, 3])
+@pytest.mark.parametrize('solver_type', ['midpoint', 'heun'])
+def test_parity_orders(cfg, pred, order, solver_type):
+    for n in [1, 2, 3, 5, 16]:
+        check_loop(*pair(cfg, prediction_type=pred, solver_order=order, solver_type=solver_type), n)
+
+@pytest.mark.parametrize('kw', [dict(use_karras_sigmas=True), dict(use_karras_sigmas=True, final_sigmas_type='sigma_min'),
+                                dict(euler_at_final=True), dict(lower_order_final=False),
+                                dict(lower_order_final=False, final_sigmas_type='sigma_min'),
+                                dict(timestep_spacing='leading'), dict(timestep_spacing='trailing'),
+                                dict(beta_schedule='squaredcos_cap_v2', lambda_min_clipped=-5.1),
+                                dict(rescale_betas_zero_snr=True, timestep_spacing='trailing', final_sigmas_type='sigma_min'),
+                                dict(thresholding=True), dict(thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.9),
+                                dict(algorithm_type='dpmsolver', final_sigmas_type='sigma_min'),
+                                dict(algorithm_type='dpmsolver', final_sigmas_type='sigma_min', solver_type='heun', solver_order=3),
+                                dict(algorithm_type='dpmsolver', final_sigmas_type='sigma_min', prediction_type='v_prediction', thresholding=True),
+                                dict(algorithm_type='dpmsolver', final_sigmas_type='sigma_min', prediction_type='sample')])
+def test_parity_options(kw):
+    for n in [1, 2, 5, 10, 25]:
+        check_loop(*pair(SD, **kw), n)
+
+def test_cosine_karras_repeated_timesteps():
+    "Cosine betas + Karras sigmas give repeated (unrounded, truncated) timesteps; diffusers then runs off the end."
+    a, b = pair(SD, beta_schedule='squaredcos_cap_v2', use_karras_sigmas=True)
+    check_loop(a, b, 2)
+    for s in (a, b): s.set_timesteps(5)
+    torch.testing.assert_close(a.timesteps, b.timesteps, rtol=0, atol=0)
+    assert a.timesteps[0] == a.timesteps[1]
+    with pytest.raises(IndexError): run(b, 5, torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match='all 5 steps are done'): run(a, 5, torch.ones(1, 1, 2, 2))
+
+@pytest.mark.parametrize('algorithm_type', ['dpmsolver++', 'dpmsolver'])
+def test_learned_variance_keeps_first_three_channels(algorithm_type):
+    a, b = pair(CAT, variance_type='learned_range', algorithm_type=algorithm_type, final_sigmas_type='sigma_min')
+    model = lambda x, t: torch.cat([toy_model_fn(x, t), -x], dim=1)  # (B, 6, H, W) like ddpm models with learned variance
+    check_loop(a, b, 10, shape=(2, 3, 8, 8), model=model)
+
+def test_begin_index_add_noise_and_missing_timestep():
+    a, b = pair(SD)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for s in (a, b): s.set_timesteps(20)
+    ts = a.timesteps[[5, 7]]
+    torch.testing.assert_close(a.add_noise(x0, noise, ts), b.add_noise(x0, noise, ts), rtol=0, atol=0)
+    missing = torch.tensor([3, 998])  # not in the schedule: diffusers uses the last step
+    torch.testing.assert_close(a.add_noise(x0, noise, missing), b.add_noise(x0, noise, missing), rtol=0, atol=0)
+    check_loop(a, b, 20, begin_index=5)
+
+def test_half_precision_tuple_and_round_trip():
+    a, b = pair(SD)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half()
+    for s in (a, b): s.set_timesteps(5)
+    outs = [s.step(toy_model_fn(x, s.timesteps[0]), s.timesteps[0], x, return_dict=False) for s in (a, b)]
+    assert len(outs[0]) == 1 and outs[0][0].dtype == torch.float16
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    with tempfile.TemporaryDirectory() as d:
+        a.save_pretrained(d)
+        c = diffusers.DPMSolverMultistepScheduler.from_pretrained(d)
+        assert {k: v for k, v in c.config.items() if not k.startswith('_')} == {k: v for k, v in a.config.items() if not k.startswith('_')}
+    assert len(a) == 1000 and DPMSolverMultistepScheduler in a.compatibles
+
+@pytest.mark.slow
+@pytest.mark.parametrize('cfg', [SD, CAT])
+def test_full_grid(cfg):
+    for pred in ['epsilon', 'v_prediction']:
+        for spacing in ['linspace', 'leading', 'trailing']:
+            for karras in [False, True]:
+                for n in STEPS + [100, 999]:
+                    check_loop(*pair(cfg, prediction_type=pred, timestep_spacing=spacing, use_karras_sigmas=karras), n)
