@@ -1,10 +1,10 @@
 "LMSDiscreteScheduler: coefficients, error messages, state, extra parity cases against diffusers."
-import functools, warnings
+import functools, math, warnings
 from types import SimpleNamespace
 import numpy as np
 import pytest, torch
 import diffusers.schedulers.scheduling_lms_discrete as lms_ref
-from minidiff.lms import LMSDiscreteScheduler, gauss_legendre, lms_coefficient
+from minidiff.lms import LMSDiscreteScheduler, beta_ppf, gauss_legendre, lms_coefficient
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
 SD = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -174,7 +174,43 @@ def test_unknown_config_values(key, value):
 def test_sigma_options_rejected():
     with pytest.raises(ValueError, match="only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas"):
         LMSDiscreteScheduler(use_karras_sigmas=True, use_exponential_sigmas=True)
-    with pytest.raises(ValueError, match="use_beta_sigmas=True is not supported"): LMSDiscreteScheduler(use_beta_sigmas=True)
+    with pytest.raises(ValueError, match="only one of"): LMSDiscreteScheduler(use_beta_sigmas=True, use_karras_sigmas=True)
+
+
+def _midpoint_beta_cdf(x, a, b, n=400_000):
+    "Independent Beta CDF: (1/a) integral_0^(x^a) (1 - t^(1/a))^(b-1) dt / B(a, b), midpoint rule (x <= 1/2)."
+    t = (np.arange(n) + 0.5) / n * x ** a
+    return ((1 - t ** (1 / a)) ** (b - 1)).sum() * x ** a / n / a * np.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b))
+
+
+@pytest.mark.parametrize("a,b", [(0.6, 0.6), (0.5, 2.0), (2.0, 0.7), (1.0, 1.0)])
+def test_beta_ppf(a, b):
+    u = np.linspace(0, 1, 21)
+    q = beta_ppf(u, a, b)
+    assert q[0] == 0 and q[-1] == 1 and (np.diff(q) > 0).all()
+    for ui, qi in zip(u[1:-1], q[1:-1]):  # F(F^-1(u)) = u, the lower half directly, the upper half by symmetry
+        got = _midpoint_beta_cdf(qi, a, b) if qi <= 0.5 else 1 - _midpoint_beta_cdf(1 - qi, b, a)
+        assert abs(got - ui) < 1e-5
+    try:
+        import scipy.stats
+    except ImportError:
+        return
+    np.testing.assert_allclose(q, scipy.stats.beta.ppf(u, a, b), rtol=0, atol=1e-13)
+
+
+def test_beta_sigmas_schedule():
+    s = LMSDiscreteScheduler.from_config(SD, use_beta_sigmas=True)
+    s.set_timesteps(25)
+    sig = s.sigmas[:-1].double()
+    assert len(s.timesteps) == 25 and s.timesteps[0] == 999 and (s.timesteps.diff() < 0).all()
+    plain = LMSDiscreteScheduler.from_config(SD)
+    plain.set_timesteps(25)
+    torch.testing.assert_close(sig[[0, -1]], plain.sigmas[[0, -2]].double(), rtol=1e-7, atol=0)  # same range
+    mid = (sig[12] - sig[-1]) / (sig[0] - sig[-1])  # the Beta(0.6, 0.6) median is 1/2
+    assert abs(mid.item() - 0.5) < 1e-6
+    if hasattr(lms_ref, 'scipy'):  # diffusers' beta sigmas need scipy.stats
+        assert_loops_close(*pair(SD, use_beta_sigmas=True), 10)
 
 
 def test_init_noise_sigma_by_spacing(tmp_path):
