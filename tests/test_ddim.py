@@ -118,3 +118,20 @@ def test_from_config_and_compatibles(tmp_path):
     assert DDIMScheduler.from_pretrained(tmp_path).config.set_alpha_to_one is False
     assert DDIMScheduler in s.compatibles
     assert spaced_timesteps(1000, 50, 'leading', 1)[0] == 981
+
+
+def test_python_int_timestep_and_cross_from_config():
+    s = DDIMScheduler.from_config(SD)
+    s.set_timesteps(10)
+    x = torch.randn(1, 4, 8, 8)
+    a = s.step(x * 0.5, int(s.timesteps[3]), x).prev_sample
+    assert torch.equal(a, s.step(x * 0.5, s.timesteps[3], x).prev_sample)
+    # a config round trip through another scheduler keeps DDIM's own defaults for keys the file did not set
+    from minidiff.lms import LMSDiscreteScheduler
+    from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler as RefLMS  # importable without scipy
+    lms = LMSDiscreteScheduler.from_config(s.config)
+    ref = RefLMS.from_config(
+        diffusers.DDIMScheduler.from_config(SD).config)
+    assert lms.config.timestep_spacing == ref.config.timestep_spacing == 'linspace'
+    back = DDIMScheduler.from_config(lms.config)
+    assert back.config.timestep_spacing == 'leading' and back.config.steps_offset == 1 and back.config.set_alpha_to_one is False
