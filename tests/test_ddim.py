@@ -5,6 +5,8 @@ import diffusers
 from minidiff.ddim import DDIMScheduler, spaced_timesteps
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
+
 SD = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
       "steps_offset": 1, "trained_betas": None, "clip_sample": False}
