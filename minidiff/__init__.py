@@ -6,10 +6,18 @@ __version__ = "0.0.1"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_init.ipynb #7159ffb6
+# %% ../nbs/99_init.ipynb #5ecccaac
 from .core import BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid, show_images, numpy_to_pil
 from .loading import ModelMixin, CheckpointError
 from .schedule import SchedulerMixin, SchedulerOutput
 from .ddpm_scheduler import DDPMScheduler
 from .unet2d import UNet2DModel
 from .pipeline import DiffusionPipeline, DDPMPipeline, ImagePipelineOutput
+from .tokenizer import CLIPTokenizer
+from .text_encoder import CLIPTextModel
+from .unipc import UniPCMultistepScheduler
+from .pndm import PNDMScheduler
+from .ddim import DDIMScheduler
+from .lms import LMSDiscreteScheduler
+from .euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
+from .dpm_solver import DPMSolverMultistepScheduler

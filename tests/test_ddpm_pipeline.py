@@ -37,7 +37,7 @@ def test_pipeline_matches_diffusers(small_cat):
     import diffusers
     ours = DDPMPipeline.from_pretrained(small_cat); ours.set_progress_bar_config(disable=True)
     ref = diffusers.DDPMPipeline.from_pretrained(small_cat); ref.set_progress_bar_config(disable=True)
-    for steps, batch in [(10, 1), (25, 2)]:
+    for steps, batch in [(5, 1), (10, 2)]:
         a = ours(batch_size=batch, generator=torch.Generator().manual_seed(1), num_inference_steps=steps, output_type="np").images
         b = ref(batch_size=batch, generator=torch.Generator().manual_seed(1), num_inference_steps=steps, output_type="np").images
         assert a.shape == b.shape == (batch, 64, 64, 3)
