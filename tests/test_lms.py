@@ -1,6 +1,5 @@
 "LMSDiscreteScheduler: coefficients, error messages, state, extra parity cases against diffusers."
 import functools, math, warnings
-from types import SimpleNamespace
 import numpy as np
 import pytest, torch
 import diffusers.schedulers.scheduling_lms_discrete as lms_ref
@@ -15,23 +14,6 @@ CAT = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.0", "beta_end"
        "variance_type": "fixed_small"}
 
 
-def adaptive_simpson(f, a, b, epsrel=1e-4, depth=20):
-    "Stand-in for scipy.integrate.quad when scipy is missing: adaptive Simpson + Richardson (exact to degree 5)."
-    def simpson(a, fa, b, fb):
-        m = (a + b) / 2; fm = float(f(m))
-        return m, fm, (b - a) / 6 * (fa + 4 * fm + fb)
-    def refine(a, fa, b, fb, m, fm, whole, depth):
-        lm, flm, left = simpson(a, fa, m, fm)
-        rm, frm, right = simpson(m, fm, b, fb)
-        if depth == 0 or abs(left + right - whole) <= 15 * epsrel * abs(left + right):
-            return left + right + (left + right - whole) / 15
-        return refine(a, fa, m, fm, lm, flm, left, depth - 1) + refine(m, fm, b, fb, rm, frm, right, depth - 1)
-    a, b = float(a), float(b)
-    fa, fb = float(f(a)), float(f(b))
-    return refine(a, fa, b, fb, *simpson(a, fa, b, fb), depth), 0.0
-
-
-if not hasattr(lms_ref, 'integrate'): lms_ref.integrate = SimpleNamespace(quad=adaptive_simpson)
 Ref = lms_ref.LMSDiscreteScheduler
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 
@@ -192,10 +174,7 @@ def test_beta_ppf(a, b):
     for ui, qi in zip(u[1:-1], q[1:-1]):  # F(F^-1(u)) = u, the lower half directly, the upper half by symmetry
         got = _midpoint_beta_cdf(qi, a, b) if qi <= 0.5 else 1 - _midpoint_beta_cdf(1 - qi, b, a)
         assert abs(got - ui) < 1e-5
-    try:
-        import scipy.stats
-    except ImportError:
-        return
+    import scipy.stats
     np.testing.assert_allclose(q, scipy.stats.beta.ppf(u, a, b), rtol=0, atol=1e-13)
 
 
@@ -209,8 +188,7 @@ def test_beta_sigmas_schedule():
     torch.testing.assert_close(sig[[0, -1]], plain.sigmas[[0, -2]].double(), rtol=1e-7, atol=0)  # same range
     mid = (sig[12] - sig[-1]) / (sig[0] - sig[-1])  # the Beta(0.6, 0.6) median is 1/2
     assert abs(mid.item() - 0.5) < 1e-6
-    if hasattr(lms_ref, 'scipy'):  # diffusers' beta sigmas need scipy.stats
-        assert_loops_close(*pair(SD, use_beta_sigmas=True), 10)
+    assert_loops_close(*pair(SD, use_beta_sigmas=True), 10)
 
 
 def test_init_noise_sigma_by_spacing(tmp_path):
