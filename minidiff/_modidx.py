@@ -191,4 +191,6 @@ d = { 'settings': { 'branch': 'main',
                               'minidiff.vae.Encoder.forward': ('vae.html#encoder.forward', 'minidiff/vae.py'),
                               'minidiff.vae.UpDecoderBlock2D': ('vae.html#updecoderblock2d', 'minidiff/vae.py'),
                               'minidiff.vae.UpDecoderBlock2D.__init__': ('vae.html#updecoderblock2d.__init__', 'minidiff/vae.py'),
-                              'minidiff.vae.UpDecoderBlock2D.forward': ('vae.html#updecoderblock2d.forward', 'minidiff/vae.py')}}}
+                              'minidiff.vae.UpDecoderBlock2D.forward': ('vae.html#updecoderblock2d.forward', 'minidiff/vae.py'),
+                              'minidiff.vae.check_input': ('vae.html#check_input', 'minidiff/vae.py'),
+                              'minidiff.vae.per_image': ('vae.html#per_image', 'minidiff/vae.py')}}}

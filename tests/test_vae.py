@@ -241,7 +241,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r'got shape \(3, 32, 32\)'): vae.encode(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match='multiples of 4, got 30x32'): vae.encode(torch.randn(1, 3, 30, 32))
     with pytest.raises(ValueError, match='multiples of 4'): vae(torch.randn(1, 3, 32, 18))
-    with pytest.raises(ValueError, match=r'decode expects latents \(B, 4, h, w\), got shape \(1, 8, 8, 8\)'):
+    with pytest.raises(ValueError, match=r'decode expects latents \(B, 4, H, W\), got shape \(1, 8, 8, 8\)'):
         vae.decode(torch.randn(1, 8, 8, 8))
     with pytest.raises(ValueError, match='decode expects latents'): vae.decode(torch.randn(4, 8, 8))
     vae.enable_slicing()
