@@ -58,7 +58,7 @@ def compare(ours, ref, x, tol=TOL):
         po, pr = ours.encode(x).latent_dist, ref.encode(x).latent_dist
         zo, zr = (p.sample(generator=torch.Generator().manual_seed(7)) for p in (po, pr))
         pairs = {'mean': (po.mean, pr.mean), 'std': (po.std, pr.std), 'logvar': (po.logvar, pr.logvar),
-                 'sample': (zo, zr), 'kl': (po.kl(), pr.kl()), 'decode': (ours.decode(zo).sample, ref.decode(zr).sample),
+                 'sample': (zo, zr), 'kl': (po.kl(), pr.kl()), 'nll': (po.nll(zo), pr.nll(zr)), 'decode': (ours.decode(zo).sample, ref.decode(zr).sample),
                  'forward': (ours(x).sample, ref(x).sample),
                  'forward_sampled': (ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(3)).sample,
                                      ref(x, sample_posterior=True, generator=torch.Generator().manual_seed(3)).sample),
@@ -113,6 +113,7 @@ def test_deterministic_posterior():
     torch.testing.assert_close(ours.sample(g()), ref.sample(g()))
     torch.testing.assert_close(ours.sample(g()), ours.mean)
     torch.testing.assert_close(ours.kl(), ref.kl())
+    torch.testing.assert_close(ours.nll(moments[:, :4]), ref.nll(moments[:, :4]))
 
 
 def test_mse_config_parity(tmp_path):
