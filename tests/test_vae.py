@@ -310,4 +310,4 @@ def test_benchmark_decode_vs_diffusers(tmp_path):
     m_o, m_r = min(r[1] for r in res['ours']), min(r[1] for r in res['diffusers'])
     print(f"\nVAE decode 512x512, SD v1.5 config, CPU {threads} threads: {t_o:.2f} s vs diffusers {t_r:.2f} s "
           f"(ratio {t_o / t_r:.2f}); extra peak RSS {m_o / 1024:.0f} MB vs {m_r / 1024:.0f} MB (ratio {m_o / m_r:.2f})")
-    assert t_o / t_r < 1.1 and m_o / m_r < 1.05
+    assert t_o / t_r < 1.05 and m_o / m_r < 1.02      # margins: run-to-run noise on a shared machine
