@@ -58,7 +58,7 @@ def compare(ours, ref, x, tol=TOL):
         po, pr = ours.encode(x).latent_dist, ref.encode(x).latent_dist
         zo, zr = (p.sample(generator=torch.Generator().manual_seed(7)) for p in (po, pr))
         pairs = {'mean': (po.mean, pr.mean), 'std': (po.std, pr.std), 'logvar': (po.logvar, pr.logvar),
-                 'sample': (zo, zr), 'kl': (po.kl(), pr.kl()), 'decode': (ours.decode(zo).sample, ref.decode(zr).sample),
+                 'sample': (zo, zr), 'kl': (po.kl(), pr.kl()), 'nll': (po.nll(zo), pr.nll(zr)), 'decode': (ours.decode(zo).sample, ref.decode(zr).sample),
                  'forward': (ours(x).sample, ref(x).sample),
                  'forward_sampled': (ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(3)).sample,
                                      ref(x, sample_posterior=True, generator=torch.Generator().manual_seed(3)).sample),
@@ -113,6 +113,7 @@ def test_deterministic_posterior():
     torch.testing.assert_close(ours.sample(g()), ref.sample(g()))
     torch.testing.assert_close(ours.sample(g()), ours.mean)
     torch.testing.assert_close(ours.kl(), ref.kl())
+    torch.testing.assert_close(ours.nll(moments[:, :4]), ref.nll(moments[:, :4]))
 
 
 def test_mse_config_parity(tmp_path):
@@ -290,15 +291,15 @@ BENCH = textwrap.dedent('''
         open('/proc/self/clear_refs', 'w').write('5')      # reset the peak (VmHWM) to the current RSS
         rss = kb('VmRSS'); times = []
         for _ in range(int(sys.argv[4])):
-            t = time.perf_counter(); vae.decode(z); times.append(time.perf_counter() - t)
+            t = time.process_time(); vae.decode(z); times.append(time.process_time() - t)
     print(min(times), kb('VmHWM') - rss)
 ''')
 
 @pytest.mark.benchmark
 def test_benchmark_decode_vs_diffusers(tmp_path):
-    "Real SD v1.5 VAE config, random weights, CPU: decode of a 1x4x64x64 latent to 512x512, time and extra peak RSS."
+    "Real SD v1.5 VAE config, random weights, CPU: decode of a 1x4x64x64 latent to 512x512, CPU time and extra peak RSS."
     write_sd_vae(tmp_path, SD15, fp16=False)
-    threads, reps = 2, 2
+    threads, reps = 1, 1          # one thread and CPU time: robust to other jobs on the machine
     res = {'ours': [], 'diffusers': []}
     for _ in range(2):                               # alternate, so that a busy machine hurts both alike
         for which in res:
@@ -307,6 +308,6 @@ def test_benchmark_decode_vs_diffusers(tmp_path):
             res[which].append([float(v) for v in out.stdout.split()])
     t_o, t_r = min(r[0] for r in res['ours']), min(r[0] for r in res['diffusers'])
     m_o, m_r = min(r[1] for r in res['ours']), min(r[1] for r in res['diffusers'])
-    print(f"\nVAE decode 512x512, SD v1.5 config, CPU {threads} threads: {t_o:.2f} s vs diffusers {t_r:.2f} s "
+    print(f"\nVAE decode 512x512, SD v1.5 config, CPU {threads} thread(s), CPU time: {t_o:.2f} s vs diffusers {t_r:.2f} s "
           f"(ratio {t_o / t_r:.2f}); extra peak RSS {m_o / 1024:.0f} MB vs {m_r / 1024:.0f} MB (ratio {m_o / m_r:.2f})")
-    assert t_o / t_r < 1.1 and m_o / m_r < 1.05
+    assert t_o / t_r < 1.05 and m_o / m_r < 1.02      # margins: run-to-run noise on a shared machine
