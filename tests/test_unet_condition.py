@@ -259,41 +259,57 @@ def test_full_sd15_config_parity():
 
 # --- benchmark --------------------------------------------------------------------------------------------
 
-CHILD = textwrap.dedent('''
-import json, resource, sys, time, torch
-lib, repeats, cfg, hw = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+MEMORY_CHILD = textwrap.dedent('''
+import json, sys, torch
+lib, cfg = sys.argv[1], json.loads(sys.argv[2])
 if lib == "minidiff": from minidiff.unet_condition import UNet2DConditionModel
 else: from diffusers import UNet2DConditionModel
 torch.manual_seed(0)
 unet = UNet2DConditionModel.from_config(cfg).eval()
 g = torch.Generator().manual_seed(0)
-x, ctx, t = torch.randn(2, 4, hw, hw, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([981, 981])
+x, ctx, t = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([981, 981])
 def status(key): return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
-steps = []
 with torch.no_grad():
     unet(x, t, ctx)
     before = status("VmRSS:")
     open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the current RSS
-    for _ in range(repeats):
-        t0 = time.perf_counter(); out = unet(x, t, ctx).sample; steps.append(time.perf_counter() - t0)
-print(json.dumps(dict(step_s=min(steps), peak_mb=status("VmHWM:"), step_extra_mb=status("VmHWM:") - before,
-                      checksum=float(out.abs().sum()))))
+    unet(x, t, ctx)
+print(json.dumps(dict(peak_mb=status("VmHWM:"), step_extra_mb=status("VmHWM:") - before)))
 ''')
 
-def run_child(lib, repeats=3, hw=64):
-    "Time and peak memory of one step in a fresh process; glibc's mmap threshold is fixed so freed tensors leave the RSS."
+TIME_CHILD = textwrap.dedent('''
+import json, sys, time, torch, diffusers
+from minidiff.unet_condition import UNet2DConditionModel
+cfg, rounds = json.loads(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+ref = diffusers.UNet2DConditionModel.from_config(cfg).eval()
+with torch.device("meta"): ours = UNet2DConditionModel.from_config(cfg)
+ours.load_checked_state_dict(ref.state_dict()).eval()           # the same weight tensors
+g = torch.Generator().manual_seed(0)
+x, ctx, t = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g), torch.tensor([981, 981])
+steps = dict(diffusers=[], minidiff=[])
+with torch.no_grad():
+    ref(x, t, ctx); ours(x, t, ctx)
+    for _ in range(rounds):                                       # alternate, so load on the machine hits both alike
+        for lib, model in (("diffusers", ref), ("minidiff", ours)):
+            t0 = time.perf_counter(); out = model(x, t, ctx).sample; steps[lib].append(time.perf_counter() - t0)
+print(json.dumps(steps))
+''')
+
+def run_child(script, *args):
+    "Run `script` in a fresh process; glibc's mmap threshold is fixed so freed tensors leave the RSS at once."
     env = {**os.environ, 'PYTHONPATH': str(ROOT), 'MALLOC_MMAP_THRESHOLD_': '131072'}
-    out = subprocess.run([sys.executable, '-c', CHILD, lib, str(repeats), json.dumps(SD15), str(hw)], check=True,
-                         capture_output=True, text=True, env=env).stdout
+    out = subprocess.run([sys.executable, '-c', script, *args], check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 @pytest.mark.benchmark
 def test_benchmark_sd15_unet_step_vs_diffusers():
-    "One SD v1.5 UNet step (batch 2, 64x64 latents, real config, random weights) on CPU, each library in its own process."
-    runs = [(lib, run_child(lib, repeats=2)) for _ in range(2) for lib in ('diffusers', 'minidiff')]   # interleaved
-    res = {lib: {k: min(r[k] for l, r in runs if l == lib) for k in ('step_s', 'peak_mb', 'step_extra_mb')}
+    "One SD v1.5 UNet step (batch 2, 64x64 latents, real config, random weights) on CPU: time and peak memory."
+    mem = {lib: run_child(MEMORY_CHILD, lib, json.dumps(SD15)) for lib in ('diffusers', 'minidiff')}
+    steps = run_child(TIME_CHILD, json.dumps(SD15), '4')
+    res = {lib: {'step_s': min(steps[lib]), 'median_step_s': sorted(steps[lib])[len(steps[lib]) // 2], **mem[lib]}
            for lib in ('diffusers', 'minidiff')}
-    ratios = {k: res['minidiff'][k] / res['diffusers'][k] for k in ('step_s', 'peak_mb', 'step_extra_mb')}
-    print(json.dumps(dict(results=res, minidiff_over_diffusers=ratios), indent=1))
+    ratios = {k: res['minidiff'][k] / res['diffusers'][k] for k in res['minidiff']}
+    print(json.dumps(dict(results=res, minidiff_over_diffusers=ratios, steps=steps), indent=1))
     assert ratios['step_s'] <= 1.05, ratios    # timing noise on a shared machine: 5%
     assert ratios['peak_mb'] <= 1.0 and ratios['step_extra_mb'] <= 1.0, ratios
