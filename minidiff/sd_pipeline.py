@@ -71,6 +71,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         "Compute attention in slices to save memory (`'auto'`: half the heads at a time; `'max'`: one at a time)."
         self.unet.set_attention_slice(slice_size)
     def disable_attention_slicing(self): self.unet.set_attention_slice(None)
+    def enable_vae_slicing(self): self.vae.enable_slicing()     # decode one image at a time
+    def disable_vae_slicing(self): self.vae.disable_slicing()
     @torch.no_grad()
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,

@@ -92,9 +92,9 @@ def test_swaps_dtype_and_save(sd, tmp_path):
 def test_attention_slicing_gives_the_same_images(sd):
     pipe = ours(sd)
     a = pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
-    pipe.enable_attention_slicing()
+    pipe.enable_attention_slicing(); pipe.enable_vae_slicing()
     b = pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
-    pipe.disable_attention_slicing()
+    pipe.disable_attention_slicing(); pipe.disable_vae_slicing()
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 def test_fp16_variant_and_torch_dtype(sd, tmp_path):
