@@ -4,7 +4,6 @@
 
 # %% ../nbs/13_guidance.ipynb #ce57054b
 from __future__ import annotations
-import torch
 
 # %% auto #0
 __all__ = ['classifier_free_guidance']
