@@ -9,8 +9,8 @@ __all__ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError',
            'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel',
            'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler',
            'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler',
-           'UNet2DConditionModel', 'AutoencoderKL', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput',
-           'save_tiny_sd']
+           'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL',
+           'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd']
 
 # %% ../nbs/99_init.ipynb #011f22dc
 from .core import BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid, show_images, numpy_to_pil
@@ -27,9 +27,11 @@ from .ddim import DDIMScheduler
 from .lms import LMSDiscreteScheduler
 from .euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .latents import prepare_latents, vae_scale_factor
 from .unet_condition import UNet2DConditionModel
-from .vae import AutoencoderKL
+from .guidance import classifier_free_guidance
+from .vae import AutoencoderKL, DiagonalGaussianDistribution
 from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput, save_tiny_sd
 
 # %% ../nbs/99_init.ipynb #9f68c753
-_all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid', 'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput', 'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler', 'UNet2DConditionModel', 'AutoencoderKL', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd']
+_all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid', 'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput', 'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd']

@@ -8,7 +8,9 @@ import inspect, json, logging
 from pathlib import Path
 from dataclasses import dataclass
 import torch
-from .core import BaseOutput, randn_tensor, DIFFUSERS_VERSION
+from .core import BaseOutput, DIFFUSERS_VERSION
+from .latents import prepare_latents, vae_scale_factor
+from .guidance import classifier_free_guidance
 from .pipeline import DiffusionPipeline, postprocess, check_call_args, OUTPUT_TYPES
 
 # %% auto #0
@@ -66,7 +68,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               safety_checker=None, feature_extractor=None)
     @property
-    def vae_scale_factor(self) -> int: return 2 ** (len(self.vae.config.block_out_channels) - 1)
+    def vae_scale_factor(self) -> int: return vae_scale_factor(self.vae.config)
     def enable_attention_slicing(self, slice_size="auto"):
         "Compute attention in slices to save memory (`'auto'`: half the heads at a time; `'max'`: one at a time)."
         self.unet.set_attention_slice(slice_size)
@@ -89,14 +91,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
         emb = encode_prompts(self.tokenizer, self.text_encoder, prompts, num_images_per_prompt, self.device)   # (n, L, D)
         if guided: emb = torch.cat([encode_prompts(self.tokenizer, self.text_encoder, negs, num_images_per_prompt, self.device), emb])
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        if latents is None: latents = randn_tensor(shape, generator, device=self.device, dtype=emb.dtype)
-        latents = latents.to(self.device) * self.scheduler.init_noise_sigma                                 # (n, 4, h, w)
+        latents = prepare_latents(self.scheduler, shape, generator, self.device, emb.dtype, latents)      # (n, 4, h, w)
         for t in self.progress_bar(self.scheduler.timesteps):
             x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
             noise_pred = self.unet(x, t, encoder_hidden_states=emb).sample
-            if guided:
-                noise_uncond, noise_text = noise_pred.chunk(2)
-                noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+            if guided: noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
             latents = self.scheduler.step(noise_pred, t, latents, **_step_kwargs(self.scheduler, generator, eta)).prev_sample
         images = latents if output_type == 'latent' else postprocess(self.vae.decode(latents / self.vae.config.scaling_factor).sample, output_type)
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
