@@ -141,12 +141,8 @@ def test_too_many_steps_names_the_value_and_keeps_state(name):
                                        ("prediction_type", "bogus_type")])
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_config_values_name_the_value(name, key, value):
-    "Raised when built, at `set_timesteps` or at the first `step` at the latest."
-    with pytest.raises(ValueError, match=f"'{value}'"):
-        s = getattr(minidiff, name).from_config(SD_CONFIG, **{key: value})
-        s.set_timesteps(5)
-        x = torch.zeros(1, 4, 4, 4)
-        s.step(x, s.timesteps[0], x)
+    "All eight refuse when built; diffusers refuses beta_schedule when built (NotImplementedError), the others at set_timesteps / step."
+    with pytest.raises(ValueError, match=f"'{value}'"): getattr(minidiff, name).from_config(SD_CONFIG, **{key: value})
 
 STEPS = [1, 2, 3, 5, 10, 25, 50]
 
