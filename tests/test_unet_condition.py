@@ -108,6 +108,16 @@ def test_gradients_match_diffusers():
 
 # --- real layout ------------------------------------------------------------------------------------------
 
+def test_config_keys_and_defaults_equal_diffusers():
+    import inspect
+    ours = inspect.signature(UNet2DConditionModel.__init__).parameters
+    ref = inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters
+    assert list(ours) == list(ref)
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    assert {k: norm(p.default) for k, p in ours.items()} == {k: norm(p.default) for k, p in ref.items()}
+    loaded = UNet2DConditionModel.from_config(TINY).config
+    assert loaded['use_linear_projection'] is False and loaded['attention_head_dim'] == 8 and loaded['num_attention_heads'] is None
+
 def test_keys_and_shapes_equal_the_real_sd15_file():
     real = dict(line.split('\t') for line in KEYS.read_text().splitlines() if line.strip())
     with torch.device('meta'): ours = UNet2DConditionModel.from_config(SD15)
