@@ -80,6 +80,14 @@ def test_per_sample_timesteps_are_used(pairs):
         torch.testing.assert_close(both[1:], ours(x[:1], 900, ctx[:1]).sample, **TOL)
     assert not torch.allclose(both[0], both[1])
 
+def test_float16_forward_matches_diffusers():
+    ours, ref = make_pair(TINY, seed=4)
+    ours, ref = ours.half(), ref.half()
+    x, ctx = torch.randn(2, 4, 16, 16).half(), torch.randn(2, 77, 32).half()
+    with torch.no_grad(): o, r = ours(x, torch.tensor([981, 3]), ctx).sample, ref(x, torch.tensor([981, 3]), ctx).sample
+    assert o.dtype == torch.float16
+    torch.testing.assert_close(o, r, rtol=1e-3, atol=1e-3)
+
 def test_return_dict_false_and_output_type(pairs):
     ours, _ = pairs['tiny']
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
