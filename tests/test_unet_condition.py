@@ -80,6 +80,14 @@ def test_per_sample_timesteps_are_used(pairs):
         torch.testing.assert_close(both[1:], ours(x[:1], 900, ctx[:1]).sample, **TOL)
     assert not torch.allclose(both[0], both[1])
 
+def test_float16_forward_matches_diffusers():
+    ours, ref = make_pair(TINY, seed=4)
+    ours, ref = ours.half(), ref.half()
+    x, ctx = torch.randn(2, 4, 16, 16).half(), torch.randn(2, 77, 32).half()
+    with torch.no_grad(): o, r = ours(x, torch.tensor([981, 3]), ctx).sample, ref(x, torch.tensor([981, 3]), ctx).sample
+    assert o.dtype == torch.float16
+    torch.testing.assert_close(o, r, rtol=1e-3, atol=1e-3)
+
 def test_return_dict_false_and_output_type(pairs):
     ours, _ = pairs['tiny']
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
@@ -107,6 +115,16 @@ def test_gradients_match_diffusers():
     for n, p in ours.named_parameters(): torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-5, atol=1e-6, msg=n)
 
 # --- real layout ------------------------------------------------------------------------------------------
+
+def test_config_keys_and_defaults_equal_diffusers():
+    import inspect
+    ours = inspect.signature(UNet2DConditionModel.__init__).parameters
+    ref = inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters
+    assert list(ours) == list(ref)
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    assert {k: norm(p.default) for k, p in ours.items()} == {k: norm(p.default) for k, p in ref.items()}
+    loaded = UNet2DConditionModel.from_config(TINY).config
+    assert loaded['use_linear_projection'] is False and loaded['attention_head_dim'] == 8 and loaded['num_attention_heads'] is None
 
 def test_keys_and_shapes_equal_the_real_sd15_file():
     real = dict(line.split('\t') for line in KEYS.read_text().splitlines() if line.strip())
