@@ -91,7 +91,8 @@ class ResnetBlock2D(nn.Module):
         else: h = self.norm2(h if temb is None else h + temb)
         h = self.conv2(self.dropout(self.nonlinearity(h)))                         # (B, C, H, W)
         skip = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-        return (skip + h) / self.output_scale_factor
+        out = skip + h
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor   # x / 1 == x: skip the copy
 
 # %% ../nbs/04_unet_blocks.ipynb #a71aece3
 class Attention(nn.Module):
@@ -125,7 +126,7 @@ class Attention(nn.Module):
         out = self.to_out[1](self.to_out[0](out))                                     # (B, L, C)
         if spatial: out = out.transpose(1, 2).reshape(b, c, h, w)                     # (B, C, H, W)
         if self.residual_connection: out = out + residual
-        return out / self.rescale_output_factor
+        return out if self.rescale_output_factor == 1 else out / self.rescale_output_factor
 
     def attend(self, q, k, v): # (B, N, L, Dh), (B, N, Lk, Dh), (B, N, Lk, Dh)
         "softmax(q k^T / sqrt(Dh)) v, over all `B*N` maps at once or `slice_size` maps at a time."
