@@ -8,7 +8,7 @@ from minidiff.core import CheckpointNotFoundError
 from minidiff.loading import CheckpointError
 from minidiff.text_encoder import CLIPTextModel, BOS_TOKEN_ID, EOS_TOKEN_ID
 
-transformers = pytest.importorskip('transformers')
+import transformers
 transformers.utils.logging.disable_progress_bar(); transformers.utils.logging.set_verbosity_error()
 
 SD15_CONFIG = {  # stable-diffusion-v1-5 text_encoder/config.json, verbatim

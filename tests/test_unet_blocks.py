@@ -3,7 +3,7 @@ import pytest, torch
 from minidiff.unet_blocks import (get_timestep_embedding, TimestepEmbedding, ResnetBlock2D, Attention, Downsample2D,
                                   Upsample2D)
 
-pytest.importorskip("diffusers")
+import diffusers
 from diffusers.models.embeddings import get_timestep_embedding as ref_emb
 from diffusers.models.resnet import ResnetBlock2D as RefRes
 from diffusers.models.attention_processor import Attention as RefAttn

@@ -5,7 +5,7 @@ import torch
 from minidiff.unipc import UniPCMultistepScheduler
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
-diffusers = pytest.importorskip('diffusers')
+import diffusers
 SD = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
       "steps_offset": 1, "trained_betas": None, "clip_sample": False}       # SD v1.5 scheduler/scheduler_config.json

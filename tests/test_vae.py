@@ -8,7 +8,7 @@ from minidiff.core import CheckpointNotFoundError
 from minidiff.loading import CheckpointError, fix_legacy_keys, check_state_dict
 from minidiff.vae import AutoencoderKL, DiagonalGaussianDistribution
 
-diffusers = pytest.importorskip('diffusers')
+import diffusers
 diffusers.utils.logging.disable_progress_bar(); diffusers.utils.logging.set_verbosity_error()
 from diffusers import AutoencoderKL as RefVAE
 
