@@ -7,29 +7,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 from .core import randn_tensor, register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr
+from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps)
 
 # %% auto #0
-__all__ = ['TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'check_choice', 'spaced_timesteps', 'predict_x0_eps', 'threshold_sample',
-           'ddim_variance', 'DDIMScheduler']
+__all__ = ['spaced_timesteps', 'predict_x0_eps', 'threshold_sample', 'ddim_variance', 'DDIMScheduler']
 
 # %% ../nbs/16_ddim.ipynb #c91a13dc
-TIMESTEP_SPACINGS = ('leading', 'linspace', 'trailing')
-PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
-
-def check_choice(name, value, choices):
-    "Raise a `ValueError` naming `name` when `value` is not one of `choices`."
-    if value not in choices: raise ValueError(f"unknown {name} {value!r}: use one of {choices}")
-
-# %% ../nbs/16_ddim.ipynb #3622b625
 def spaced_timesteps(num_train_timesteps, # T, the number of training timesteps
                      num_inference_steps, # n, how many of them to visit
                      timestep_spacing='leading', steps_offset=0) -> np.ndarray:
     "Descending float64 timesteps, as diffusers computes them (`linspace` ones not rounded)."
     T, n = num_train_timesteps, num_inference_steps
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"num_inference_steps must be an int, got {n!r}")
-    if not 1 <= n <= T: raise ValueError(f"num_inference_steps={n} must be between 1 and num_train_timesteps={T}")
+    check_num_inference_steps(n, T)
     check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
     if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n)[::-1].copy()
     if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset

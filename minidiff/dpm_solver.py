@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from .core import register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput
-from .ddpm_scheduler import TIMESTEP_SPACINGS, threshold_sample
-from .euler import SigmaStepMixin, check_choice, check_num_inference_steps, karras_sigmas, sigma_to_t, train_schedule
+from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
+                               check_num_inference_steps)
+from .ddpm_scheduler import threshold_sample
+from .euler import SigmaStepMixin, karras_sigmas, sigma_to_t, train_schedule
 
 # %% auto #0
 __all__ = ['alpha_sigma_lambda', 'dpm_timesteps', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
@@ -97,7 +98,7 @@ class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
         check_choice('algorithm_type', algorithm_type, ('dpmsolver++', 'dpmsolver', 'deis'))
         check_choice('solver_order', solver_order, (1, 2, 3))
         check_choice('solver_type', solver_type, ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'))
-        check_choice('prediction_type', prediction_type, ('epsilon', 'sample', 'v_prediction'))
+        check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
         check_choice('final_sigmas_type', final_sigmas_type, ('zero', 'sigma_min'))
         unsupported = [k for k in _UNSUPPORTED if self.config[k]]

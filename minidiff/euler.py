@@ -8,13 +8,12 @@ import logging
 import numpy as np
 import torch
 from .core import randn_tensor, register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr
-from .ddpm_scheduler import TIMESTEP_SPACINGS
+from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps)
 
 # %% auto #0
-__all__ = ['EULER_PREDICTION_TYPES', 'train_schedule', 'check_choice', 'check_num_inference_steps', 'spaced_timesteps',
-           'karras_sigmas', 'sigma_to_t', 'SigmaStepMixin', 'predict_x0', 'EulerDiscreteScheduler',
-           'EulerAncestralDiscreteScheduler']
+__all__ = ['EULER_PREDICTION_TYPES', 'train_schedule', 'spaced_timesteps', 'karras_sigmas', 'sigma_to_t', 'SigmaStepMixin',
+           'predict_x0', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler']
 
 # %% ../nbs/18_euler.ipynb #37c4fc76
 def train_schedule(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
@@ -26,17 +25,7 @@ def train_schedule(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, b
     if rescale_betas_zero_snr: alphas_cumprod[-1] = 2**-24
     return betas, alphas_cumprod
 
-def check_choice(name, value, choices):
-    "Raise a `ValueError` naming `name` and `value` when `value` is not one of `choices`."
-    if value not in choices: raise ValueError(f"unsupported {name} {value!r}: use one of {tuple(choices)}")
-
 # %% ../nbs/18_euler.ipynb #ea51a5f9
-def check_num_inference_steps(num_inference_steps, num_train_timesteps):
-    "Raise a `ValueError` unless `1 <= num_inference_steps <= num_train_timesteps`."
-    n = num_inference_steps
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps={n!r}: it must be an integer from 1 to num_train_timesteps={num_train_timesteps}")
-
 def spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing='linspace', steps_offset=0) -> np.ndarray:
     "The float32 sampling timesteps, high to low, as the Euler schedulers space them."
     T, n = num_train_timesteps, num_inference_steps
@@ -107,7 +96,7 @@ class SigmaStepMixin:
         return original_samples + noise * self._sigmas_for(timesteps, original_samples)
 
 # %% ../nbs/18_euler.ipynb #0e77a1f1
-EULER_PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample', 'original_sample')
+EULER_PREDICTION_TYPES = PREDICTION_TYPES + ('original_sample',)
 _log = logging.getLogger(__name__)
 
 def predict_x0(model_output, sample, # (B, C, H, W) model output and VE sample x = x_0 + sigma * eps

@@ -8,8 +8,8 @@ import math, warnings
 import numpy as np
 import torch
 from .core import register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas
-from .ddim import PREDICTION_TYPES, TIMESTEP_SPACINGS, check_choice, spaced_timesteps
+from .schedule import SchedulerMixin, SchedulerOutput, make_betas, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice
+from .ddim import spaced_timesteps
 
 # %% auto #0
 __all__ = ['sigmas_at', 'karras_sigmas', 'exponential_sigmas', 'sigma_to_t', 'beta_ppf', 'beta_sigmas', 'gauss_legendre',

@@ -4,14 +4,15 @@
 
 # %% ../nbs/02_schedule.ipynb #a8317bea
 from __future__ import annotations
-import math
+import math, numbers
 from dataclasses import dataclass
 import torch
 from .core import BaseOutput, ConfigMixin, _REGISTRY
 
 # %% auto #0
-__all__ = ['BETA_SCHEDULES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas', 'rescale_zero_terminal_snr',
-           'SchedulerOutput', 'SchedulerMixin', 'scheduler_loop', 'toy_model_fn']
+__all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas',
+           'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'SchedulerOutput',
+           'SchedulerMixin', 'scheduler_loop', 'toy_model_fn']
 
 # %% ../nbs/02_schedule.ipynb #a61e0c3f
 def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999):
@@ -40,6 +41,21 @@ def rescale_zero_terminal_snr(betas):
     sqrt_ab = (sqrt_ab - last) * (first / (first - last))
     ab = sqrt_ab ** 2
     return 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+
+# %% ../nbs/02_schedule.ipynb #4dc3ddd5
+TIMESTEP_SPACINGS = ('leading', 'linspace', 'trailing')
+PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
+
+def check_choice(name, value, choices):
+    "Raise a `ValueError` naming `name` and `value` when `value` is not one of `choices`."
+    if value not in choices: raise ValueError(f"unknown {name} {value!r}: use one of {tuple(choices)}")
+
+def check_num_inference_steps(n, # the requested number of sampling steps
+                              num_train_timesteps): # T, the most steps there can be
+    "Raise a `TypeError` unless `n` is an int, a `ValueError` unless `1 <= n <= num_train_timesteps`."
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral): raise TypeError(f"num_inference_steps must be an int, got {n!r}")
+    if not 1 <= n <= num_train_timesteps:
+        raise ValueError(f"num_inference_steps={n} must be between 1 and num_train_timesteps={num_train_timesteps}")
 
 # %% ../nbs/02_schedule.ipynb #eaee1b3a
 @dataclass

@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr
+from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps)
 from .core import register_to_config
 
 # %% auto #0
-__all__ = ['TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'sigma_to_alpha_sigma_t', 'sigma_to_lambda', 'unipc_timesteps',
-           'karras_sigmas', 'sigma_to_t', 'threshold_sample', 'convert_model_output', 'unipc_system', 'uni_bh_update',
-           'check_num_inference_steps', 'unipc_schedule', 'index_for_timestep', 'UniPCMultistepScheduler']
+__all__ = ['sigma_to_alpha_sigma_t', 'sigma_to_lambda', 'unipc_timesteps', 'karras_sigmas', 'sigma_to_t', 'threshold_sample',
+           'convert_model_output', 'unipc_system', 'uni_bh_update', 'unipc_schedule', 'index_for_timestep',
+           'UniPCMultistepScheduler']
 
 # %% ../nbs/11_unipc.ipynb #872722f4
 def sigma_to_alpha_sigma_t(sigma): # EDM sigma = sigma_t / alpha_t (tensor)
@@ -27,8 +28,6 @@ def sigma_to_lambda(sigma): # EDM sigma (tensor)
     return torch.log(alpha_t) - torch.log(sigma_t)
 
 # %% ../nbs/11_unipc.ipynb #21a200be
-TIMESTEP_SPACINGS = ('linspace', 'leading', 'trailing')
-
 def unipc_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='linspace', steps_offset=0):
     "The descending int64 timesteps UniPC samples at."
     n, T = num_inference_steps, num_train_timesteps
@@ -53,8 +52,6 @@ def sigma_to_t(sigma, log_sigmas): # (n,) sigmas; (T,) log of the training sigma
     return (1 - w) * low + w * (low + 1)
 
 # %% ../nbs/11_unipc.ipynb #da133c64
-PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
-
 def threshold_sample(x0, ratio=0.995, max_value=1.0): # (B, C, ...) predicted x0
     "Dynamic thresholding: clamp each sample to its `ratio` quantile of `|x0|`, clipped to `[1, max_value]`, and rescale."
     b, c, *rest = x0.shape
@@ -65,8 +62,7 @@ def threshold_sample(x0, ratio=0.995, max_value=1.0): # (B, C, ...) predicted x0
 def convert_model_output(model_output, sample, sigma, prediction_type='epsilon', predict_x0=True):
     "The model output as `x0` (`predict_x0`) or as `eps`, at EDM sigma `sigma`."
     alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
+    check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
     if predict_x0:
         if prediction_type == 'epsilon': return (sample - sigma_t * model_output) / alpha_t
         return model_output if prediction_type == 'sample' else alpha_t * sample - sigma_t * model_output
@@ -122,19 +118,11 @@ _UNSUPPORTED = dict(use_exponential_sigmas=False, use_beta_sigmas=False, use_flo
 def _check_unipc_config(cfg):
     for k, default in _UNSUPPORTED.items():
         if cfg[k] != default: raise ValueError(f"{k}={cfg[k]!r} is not supported by minidiff's UniPCMultistepScheduler")
-    if cfg['prediction_type'] not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {cfg['prediction_type']!r}: use one of {PREDICTION_TYPES}")
-    if cfg['timestep_spacing'] not in TIMESTEP_SPACINGS:
-        raise ValueError(f"unknown timestep_spacing {cfg['timestep_spacing']!r}: use one of {TIMESTEP_SPACINGS}")
-    if cfg['final_sigmas_type'] not in ('zero', 'sigma_min'):
-        raise ValueError(f"unknown final_sigmas_type {cfg['final_sigmas_type']!r}: use 'zero' or 'sigma_min'")
+    check_choice('prediction_type', cfg['prediction_type'], PREDICTION_TYPES)
+    check_choice('timestep_spacing', cfg['timestep_spacing'], TIMESTEP_SPACINGS)
+    check_choice('final_sigmas_type', cfg['final_sigmas_type'], ('zero', 'sigma_min'))
     if not isinstance(cfg['solver_order'], int) or cfg['solver_order'] < 1:
         raise ValueError(f"solver_order must be a positive int, got {cfg['solver_order']!r}")
-
-def check_num_inference_steps(n, num_train_timesteps):
-    "Raise a `ValueError` unless `1 <= n <= num_train_timesteps`."
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be an int between 1 and num_train_timesteps={num_train_timesteps}, got {n!r}")
 
 def unipc_schedule(alphas_cumprod, # (T,) float32 alpha_bar of the training schedule
                    num_inference_steps, cfg): # cfg: the scheduler config
