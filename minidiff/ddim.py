@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from .core import randn_tensor, register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
-                               PREDICTION_TYPES, check_choice, check_num_inference_steps)
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample)
 
 # %% auto #0
-__all__ = ['spaced_timesteps', 'predict_x0_eps', 'threshold_sample', 'ddim_variance', 'DDIMScheduler']
+__all__ = ['spaced_timesteps', 'predict_x0_eps', 'ddim_variance', 'DDIMScheduler']
 
 # %% ../nbs/16_ddim.ipynb #c91a13dc
 def spaced_timesteps(num_train_timesteps, # T, the number of training timesteps
@@ -38,16 +38,6 @@ def predict_x0_eps(model_output, sample, # (B, C, H, W) model output and x_t
         return (alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output,
                 alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample)
     raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
-
-# %% ../nbs/16_ddim.ipynb #7df1c2bb
-def threshold_sample(x0_pred, # (B, C, H, W) predicted clean sample
-                     ratio=0.995, max_value=1.0) -> torch.Tensor:
-    "Dynamic thresholding (Imagen): clip each image to its `ratio` quantile `s` of `|x0|` (1 <= s <= `max_value`), divide by `s`."
-    dtype, (b, *rest) = x0_pred.dtype, x0_pred.shape
-    flat = x0_pred.reshape(b, -1)
-    if dtype not in (torch.float32, torch.float64): flat = flat.float()
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
-    return (torch.clamp(flat, -s, s) / s).reshape(b, *rest).to(dtype)
 
 # %% ../nbs/16_ddim.ipynb #14c07014
 def ddim_variance(alpha_bar_t, alpha_bar_prev):

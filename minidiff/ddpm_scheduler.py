@@ -8,11 +8,10 @@ import math, operator
 import torch
 from .core import register_to_config, randn_tensor
 from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
-                               PREDICTION_TYPES, check_choice, check_num_inference_steps)
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample)
 
 # %% auto #0
-__all__ = ['VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample', 'threshold_sample', 'posterior_mean', 'posterior_std',
-           'DDPMScheduler']
+__all__ = ['VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample', 'posterior_mean', 'posterior_std', 'DDPMScheduler']
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #8c2ec9e8
 def ddpm_timesteps(num_inference_steps:int, # how many sampling steps
@@ -40,14 +39,6 @@ def predict_original_sample(model_output, # (B, C, H, W) what the network predic
     if prediction_type == 'sample': return model_output
     if prediction_type == 'v_prediction': return alpha_bar_t ** 0.5 * sample - (1 - alpha_bar_t) ** 0.5 * model_output
     raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
-
-def threshold_sample(x0, # (B, ...) predicted clean sample
-                     ratio:float=0.995, max_value:float=1.0) -> torch.Tensor:
-    "Imagen's dynamic thresholding: clamp each sample to its `ratio` quantile of `|x0|` and rescale."
-    dtype, flat = x0.dtype, x0.reshape(x0.shape[0], -1)
-    if dtype not in (torch.float32, torch.float64): flat = flat.float()
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
-    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #e1aa6205
 def posterior_mean(x0, # (B, C, H, W) predicted clean sample

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from .core import register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
-                               check_num_inference_steps)
-from .ddpm_scheduler import threshold_sample
+                               check_num_inference_steps, threshold_sample)
 from .euler import SigmaStepMixin, karras_sigmas, sigma_to_t, train_schedule
 
 # %% auto #0

@@ -11,8 +11,8 @@ from .core import BaseOutput, ConfigMixin, _REGISTRY
 
 # %% auto #0
 __all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas',
-           'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'SchedulerOutput',
-           'SchedulerMixin', 'scheduler_loop', 'toy_model_fn']
+           'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'threshold_sample',
+           'SchedulerOutput', 'SchedulerMixin', 'scheduler_loop', 'toy_model_fn']
 
 # %% ../nbs/02_schedule.ipynb #a61e0c3f
 def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999):
@@ -56,6 +56,15 @@ def check_num_inference_steps(n, # the requested number of sampling steps
     if isinstance(n, bool) or not isinstance(n, numbers.Integral): raise TypeError(f"num_inference_steps must be an int, got {n!r}")
     if not 1 <= n <= num_train_timesteps:
         raise ValueError(f"num_inference_steps={n} must be between 1 and num_train_timesteps={num_train_timesteps}")
+
+# %% ../nbs/02_schedule.ipynb #71797b77
+def threshold_sample(x0, # (B, ...) predicted clean sample
+                     ratio:float=0.995, max_value:float=1.0) -> torch.Tensor:
+    "Imagen's dynamic thresholding: clip each sample to its `ratio` quantile `s` of `|x0|` (1 <= s <= `max_value`), divide by `s`."
+    dtype, flat = x0.dtype, x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64): flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
+    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
 
 # %% ../nbs/02_schedule.ipynb #eaee1b3a
 @dataclass

@@ -8,13 +8,12 @@ import math
 import numpy as np
 import torch
 from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
-                               PREDICTION_TYPES, check_choice, check_num_inference_steps)
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample)
 from .core import register_to_config
 
 # %% auto #0
-__all__ = ['sigma_to_alpha_sigma_t', 'sigma_to_lambda', 'unipc_timesteps', 'karras_sigmas', 'sigma_to_t', 'threshold_sample',
-           'convert_model_output', 'unipc_system', 'uni_bh_update', 'unipc_schedule', 'index_for_timestep',
-           'UniPCMultistepScheduler']
+__all__ = ['sigma_to_alpha_sigma_t', 'sigma_to_lambda', 'unipc_timesteps', 'karras_sigmas', 'sigma_to_t', 'convert_model_output',
+           'unipc_system', 'uni_bh_update', 'unipc_schedule', 'index_for_timestep', 'UniPCMultistepScheduler']
 
 # %% ../nbs/11_unipc.ipynb #872722f4
 def sigma_to_alpha_sigma_t(sigma): # EDM sigma = sigma_t / alpha_t (tensor)
@@ -52,13 +51,6 @@ def sigma_to_t(sigma, log_sigmas): # (n,) sigmas; (T,) log of the training sigma
     return (1 - w) * low + w * (low + 1)
 
 # %% ../nbs/11_unipc.ipynb #da133c64
-def threshold_sample(x0, ratio=0.995, max_value=1.0): # (B, C, ...) predicted x0
-    "Dynamic thresholding: clamp each sample to its `ratio` quantile of `|x0|`, clipped to `[1, max_value]`, and rescale."
-    b, c, *rest = x0.shape
-    flat = x0.float().reshape(b, -1) if x0.dtype not in (torch.float32, torch.float64) else x0.reshape(b, -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]   # (B, 1)
-    return (torch.clamp(flat, -s, s) / s).reshape(b, c, *rest).to(x0.dtype)
-
 def convert_model_output(model_output, sample, sigma, prediction_type='epsilon', predict_x0=True):
     "The model output as `x0` (`predict_x0`) or as `eps`, at EDM sigma `sigma`."
     alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
