@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from .core import register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
-                               check_num_inference_steps, threshold_sample)
-from .euler import SigmaStepMixin, karras_sigmas, sigma_to_t, train_schedule
+                               check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
+                               sigmas_at, sigma_to_alpha_sigma_t, karras_sigmas, sigma_to_t)
+from .euler import SigmaStepMixin
 
 # %% auto #0
 __all__ = ['alpha_sigma_lambda', 'dpm_timesteps', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
@@ -18,8 +19,7 @@ __all__ = ['alpha_sigma_lambda', 'dpm_timesteps', 'dpm_first_order_update', 'dpm
 # %% ../nbs/19_dpm_solver.ipynb #2215768d
 def alpha_sigma_lambda(sigma) -> tuple:
     "VP `alpha_t`, `sigma_t` and `lambda_t = log(alpha_t / sigma_t)` of a VE noise level `sigma`."
-    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-    sigma_t = sigma * alpha_t
+    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
     return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
 
 # %% ../nbs/19_dpm_solver.ipynb #a8ea328a
@@ -111,7 +111,7 @@ class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
         self.alphas = 1.0 - self.betas
         self.alpha_t, self.sigma_t = torch.sqrt(self.alphas_cumprod), torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
         self.num_inference_steps, self.model_outputs, self.lower_order_nums = None, [None] * solver_order, 0
         self._step_index = self._begin_index = None
@@ -123,13 +123,14 @@ class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
         clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
         last_timestep = c.num_train_timesteps - clipped_idx
         timesteps = dpm_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset, last_timestep)
-        train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         if c.use_karras_sigmas:
             sigma_min, sigma_max = getattr(c, 'sigma_min', None), getattr(c, 'sigma_max', None)  # keys of Euler configs
-            sigmas = karras_sigmas(np.flip(train_sigmas).copy(), num_inference_steps, sigma_min, sigma_max)
+            sigma_min, sigma_max = [v if v is not None else d for v, d in ((sigma_min, train_sigmas[0].item()), (sigma_max, train_sigmas[-1].item()))]
+            sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
             timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
             if c.beta_schedule != 'squaredcos_cap_v2': timesteps = timesteps.round()
-        else: sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+        else: sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)

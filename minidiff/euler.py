@@ -8,22 +8,13 @@ import logging
 import numpy as np
 import torch
 from .core import randn_tensor, register_to_config
-from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
-                               PREDICTION_TYPES, check_choice, check_num_inference_steps)
+from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
+                               check_num_inference_steps, train_schedule, sigmas_from_alphas_cumprod, sigmas_at,
+                               karras_sigmas, sigma_to_t)
 
 # %% auto #0
-__all__ = ['EULER_PREDICTION_TYPES', 'train_schedule', 'spaced_timesteps', 'karras_sigmas', 'sigma_to_t', 'SigmaStepMixin',
-           'predict_x0', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler']
-
-# %% ../nbs/18_euler.ipynb #37c4fc76
-def train_schedule(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
-                   trained_betas=None, rescale_betas_zero_snr=False) -> tuple:
-    "The float32 `(betas, alphas_cumprod)` of a scheduler config."
-    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-    if rescale_betas_zero_snr: betas = rescale_zero_terminal_snr(betas)
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    if rescale_betas_zero_snr: alphas_cumprod[-1] = 2**-24
-    return betas, alphas_cumprod
+__all__ = ['EULER_PREDICTION_TYPES', 'spaced_timesteps', 'SigmaStepMixin', 'predict_x0', 'EulerDiscreteScheduler',
+           'EulerAncestralDiscreteScheduler']
 
 # %% ../nbs/18_euler.ipynb #ea51a5f9
 def spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing='linspace', steps_offset=0) -> np.ndarray:
@@ -33,25 +24,6 @@ def spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing=
     if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
     if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
     return np.arange(T, 0, -T / n).round().astype(np.float32) - 1
-
-# %% ../nbs/18_euler.ipynb #9232c690
-def karras_sigmas(in_sigmas, # (n,) sigmas high to low; the ends give sigma_max and sigma_min
-                  num_inference_steps, sigma_min=None, sigma_max=None, rho=7.0) -> np.ndarray:
-    "EDM noise levels (Karras et al. 2022, eq. 5): evenly spaced in `sigma**(1/rho)` from sigma_max to sigma_min."
-    sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
-    sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
-    ramp = np.linspace(0, 1, num_inference_steps)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-def sigma_to_t(sigma, # (n,) noise levels
-               log_sigmas): # (T,) log of the training sigmas, low to high
-    "The fractional training timesteps of `sigma`, interpolating linearly in log sigma."
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 # %% ../nbs/18_euler.ipynb #cb09382b
 class SigmaStepMixin:
@@ -125,7 +97,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                          trained_betas, rescale_betas_zero_snr)
         self.alphas, self.use_karras_sigmas = 1.0 - self.betas, use_karras_sigmas
-        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
+        sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).flip(0)
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy()).float()
         if timestep_type == 'continuous' and prediction_type == 'v_prediction': self.timesteps = 0.25 * sigmas.log()  # EDM c_noise
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
@@ -136,11 +108,13 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         c = self.config
         check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
-        train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        if c.interpolation_type == 'linear': sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
+        if c.interpolation_type == 'linear': sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         else: sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1).exp().numpy()
         if c.use_karras_sigmas:
-            sigmas = karras_sigmas(sigmas, num_inference_steps, c.sigma_min, c.sigma_max)
+            lo = c.sigma_min if c.sigma_min is not None else sigmas[-1].item()
+            hi = c.sigma_max if c.sigma_max is not None else sigmas[0].item()
+            sigmas = karras_sigmas(lo, hi, num_inference_steps)
             timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
         sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
         sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
@@ -182,7 +156,7 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                          trained_betas, rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
-        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         self.sigmas = torch.from_numpy(np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy())
         self.num_inference_steps, self.is_scale_input_called, self._step_index, self._begin_index = None, False, None, None
@@ -192,8 +166,7 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         c = self.config
         check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
-        train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+        sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self.num_inference_steps, self._step_index, self._begin_index = num_inference_steps, None, None

@@ -8,39 +8,18 @@ import math, warnings
 import numpy as np
 import torch
 from .core import register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice
+from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice, train_schedule,
+                               sigmas_at, karras_sigmas, sigma_to_t)
 from .ddim import spaced_timesteps
 
 # %% auto #0
-__all__ = ['sigmas_at', 'karras_sigmas', 'exponential_sigmas', 'sigma_to_t', 'beta_ppf', 'beta_sigmas', 'gauss_legendre',
-           'lms_coefficient', 'SigmaSchedulerMixin', 'sigma_x0_pred', 'LMSDiscreteScheduler']
+__all__ = ['exponential_sigmas', 'beta_ppf', 'beta_sigmas', 'gauss_legendre', 'lms_coefficient', 'SigmaSchedulerMixin',
+           'sigma_x0_pred', 'LMSDiscreteScheduler']
 
 # %% ../nbs/17_lms.ipynb #e8bce403
-def sigmas_at(alphas_cumprod, # (T,) float32 alpha_bar
-              timesteps) -> np.ndarray: # (n,) float32, possibly fractional, timesteps
-    "sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), linearly interpolated at `timesteps` (float64)."
-    sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
-    return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
-
-def karras_sigmas(sigma_min, sigma_max, n, rho=7.0) -> np.ndarray:
-    "Karras et al. (2022) eq. 5: `n` sigmas from `sigma_max` to `sigma_min`, evenly spaced in sigma^(1/rho)."
-    ramp = np.linspace(0, 1, n)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
 def exponential_sigmas(sigma_min, sigma_max, n) -> np.ndarray:
     "`n` sigmas from `sigma_max` to `sigma_min`, evenly spaced in log sigma."
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-
-# %% ../nbs/17_lms.ipynb #c7f21f73
-def sigma_to_t(sigmas, # (n,) sigmas to place on the training schedule
-               log_sigmas) -> np.ndarray: # (T,) float32 log sigma of the training timesteps
-    "Fractional timesteps of `sigmas`, interpolating linearly in log sigma between training timesteps."
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    dists = log_sigma - log_sigmas[:, None]  # (T, n)
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
 
 # %% ../nbs/17_lms.ipynb #6a06da45
 def _beta_cdf_fraction(x, a, b, terms=40):
@@ -154,9 +133,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
             raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be True")
         check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.use_karras_sigmas, self.is_scale_input_called = use_karras_sigmas, False
         self.set_timesteps(num_train_timesteps)
 

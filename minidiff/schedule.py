@@ -6,13 +6,15 @@
 from __future__ import annotations
 import math, numbers
 from dataclasses import dataclass
+import numpy as np
 import torch
 from .core import BaseOutput, ConfigMixin, _REGISTRY
 
 # %% auto #0
 __all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas',
            'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'threshold_sample',
-           'SchedulerOutput', 'SchedulerMixin', 'scheduler_loop', 'toy_model_fn']
+           'train_schedule', 'sigmas_from_alphas_cumprod', 'sigmas_at', 'sigma_to_alpha_sigma_t', 'sigma_to_lambda',
+           'karras_sigmas', 'sigma_to_t', 'SchedulerOutput', 'SchedulerMixin', 'scheduler_loop', 'toy_model_fn']
 
 # %% ../nbs/02_schedule.ipynb #a61e0c3f
 def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999):
@@ -65,6 +67,53 @@ def threshold_sample(x0, # (B, ...) predicted clean sample
     if dtype not in (torch.float32, torch.float64): flat = flat.float()
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
     return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
+
+# %% ../nbs/02_schedule.ipynb #b0c8471e
+def train_schedule(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                   trained_betas=None, rescale_betas_zero_snr=False) -> tuple:
+    "The float32 `(betas, alphas_cumprod)` of a sigma scheduler's config (a zero terminal `alpha_bar` nudged to `2**-24`)."
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+    if rescale_betas_zero_snr: betas = rescale_zero_terminal_snr(betas)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if rescale_betas_zero_snr: alphas_cumprod[-1] = 2**-24
+    return betas, alphas_cumprod
+
+def sigmas_from_alphas_cumprod(alphas_cumprod): # (T,) float32 alpha_bar
+    "The EDM noise levels `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`, (T,) float32."
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+def sigmas_at(alphas_cumprod, # (T,) float32 alpha_bar
+              timesteps) -> np.ndarray: # (n,) possibly fractional timesteps
+    "`sigma_t` linearly interpolated at `timesteps` (float64)."
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).numpy()
+    return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+
+# %% ../nbs/02_schedule.ipynb #5ecac5de
+def sigma_to_alpha_sigma_t(sigma): # EDM sigma = sigma_t / alpha_t (tensor)
+    "The VP coefficients `(alpha_t, sigma_t)` of an EDM-style `sigma`."
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha_t, sigma * alpha_t
+
+def sigma_to_lambda(sigma): # EDM sigma (tensor)
+    "The half log-SNR `lambda = log(alpha_t) - log(sigma_t)`; `inf` at `sigma = 0`."
+    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+    return torch.log(alpha_t) - torch.log(sigma_t)
+
+# %% ../nbs/02_schedule.ipynb #00e36acb
+def karras_sigmas(sigma_min, sigma_max, n, rho=7.0) -> np.ndarray:
+    "Karras et al. (2022) eq. 5: `n` sigmas from `sigma_max` to `sigma_min`, evenly spaced in sigma^(1/rho) (float64)."
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+def sigma_to_t(sigma, # (n,) noise levels
+               log_sigmas): # (T,) log of the training sigmas, low to high
+    "The fractional training timesteps of `sigma`, interpolating linearly in log sigma."
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]  # (T, n)
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 # %% ../nbs/02_schedule.ipynb #eaee1b3a
 @dataclass

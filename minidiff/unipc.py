@@ -7,24 +7,14 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch
-from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
-                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample)
+from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
+                               check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
+                               sigma_to_alpha_sigma_t, sigma_to_lambda, karras_sigmas, sigma_to_t)
 from .core import register_to_config
 
 # %% auto #0
-__all__ = ['sigma_to_alpha_sigma_t', 'sigma_to_lambda', 'unipc_timesteps', 'karras_sigmas', 'sigma_to_t', 'convert_model_output',
-           'unipc_system', 'uni_bh_update', 'unipc_schedule', 'index_for_timestep', 'UniPCMultistepScheduler']
-
-# %% ../nbs/11_unipc.ipynb #872722f4
-def sigma_to_alpha_sigma_t(sigma): # EDM sigma = sigma_t / alpha_t (tensor)
-    "The VP coefficients `(alpha_t, sigma_t)` of an EDM-style `sigma`."
-    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-    return alpha_t, sigma * alpha_t
-
-def sigma_to_lambda(sigma): # EDM sigma (tensor)
-    "The half log-SNR `lambda = log(alpha_t) - log(sigma_t)`; `inf` at `sigma = 0`."
-    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-    return torch.log(alpha_t) - torch.log(sigma_t)
+__all__ = ['unipc_timesteps', 'convert_model_output', 'unipc_system', 'uni_bh_update', 'unipc_schedule', 'index_for_timestep',
+           'UniPCMultistepScheduler']
 
 # %% ../nbs/11_unipc.ipynb #21a200be
 def unipc_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='linspace', steps_offset=0):
@@ -35,20 +25,6 @@ def unipc_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spac
     elif timestep_spacing == 'trailing': ts = np.arange(T, 0, -T / n).round() - 1
     else: raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
     return ts.copy().astype(np.int64)
-
-# %% ../nbs/11_unipc.ipynb #2eaa97c8
-def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
-    "Karras et al. (2022) eq. 5: `n` sigmas from `sigma_max` down to `sigma_min` (float64)."
-    ramp = np.linspace(0, 1, n)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-def sigma_to_t(sigma, log_sigmas): # (n,) sigmas; (T,) log of the training sigmas, ascending
-    "Fractional timesteps whose (log-linearly interpolated) training sigma is `sigma`."
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, None]                                    # (T, n)
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
 
 # %% ../nbs/11_unipc.ipynb #da133c64
 def convert_model_output(model_output, sample, sigma, prediction_type='epsilon', predict_x0=True):
@@ -120,7 +96,7 @@ def unipc_schedule(alphas_cumprod, # (T,) float32 alpha_bar of the training sche
                    num_inference_steps, cfg): # cfg: the scheduler config
     "The int64 timesteps and the float32 sigmas (one more: the final sigma) UniPC samples at."
     check_num_inference_steps(num_inference_steps, cfg['num_train_timesteps'])
-    full = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    full = sigmas_from_alphas_cumprod(alphas_cumprod)
     if cfg['use_karras_sigmas']:
         smin = cfg['sigma_min'] if cfg['sigma_min'] is not None else full[0].item()
         smax = cfg['sigma_max'] if cfg['sigma_max'] is not None else full[-1].item()
@@ -154,14 +130,12 @@ class UniPCMultistepScheduler(SchedulerMixin):
         if solver_type in ('midpoint', 'heun', 'logrho'): self.register_to_config(solver_type='bh2')  # DPM-Solver's names
         elif solver_type not in ('bh1', 'bh2'): raise ValueError(f"unknown solver_type {solver_type!r}: use 'bh1' or 'bh2'")
         _check_unipc_config(self.config)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr: self.betas = rescale_zero_terminal_snr(self.betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                         trained_betas, rescale_betas_zero_snr)  # zero SNR: lambda kept finite
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr: self.alphas_cumprod[-1] = 2**-24    # keep lambda finite at t = T
         self.alpha_t, self.sigma_t = torch.sqrt(self.alphas_cumprod), torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.init_noise_sigma, self.predict_x0, self.disable_corrector = 1.0, predict_x0, disable_corrector
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
         self.num_inference_steps, self.model_outputs, self.lower_order_nums, self.last_sample = None, [None] * solver_order, 0, None
