@@ -10,10 +10,11 @@ from .core import register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
                                check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
                                sigmas_at, sigma_to_alpha_sigma_t, karras_sigmas, sigma_to_t)
+from .unipc import unipc_timesteps
 from .euler import SigmaStepMixin
 
 # %% auto #0
-__all__ = ['alpha_sigma_lambda', 'dpm_timesteps', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
+__all__ = ['alpha_sigma_lambda', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
            'DPMSolverMultistepScheduler']
 
 # %% ../nbs/19_dpm_solver.ipynb #2215768d
@@ -21,18 +22,6 @@ def alpha_sigma_lambda(sigma) -> tuple:
     "VP `alpha_t`, `sigma_t` and `lambda_t = log(alpha_t / sigma_t)` of a VE noise level `sigma`."
     alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
     return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
-
-# %% ../nbs/19_dpm_solver.ipynb #a8ea328a
-def dpm_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing='linspace', steps_offset=0,
-                  last_timestep=None) -> np.ndarray:
-    "The int64 sampling timesteps of DPM-Solver, high to low, below `last_timestep` (default `num_train_timesteps`)."
-    T, n = num_train_timesteps, num_inference_steps
-    last = T if last_timestep is None else last_timestep
-    check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-    if timestep_spacing == 'linspace': return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    if timestep_spacing == 'leading':
-        return (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
-    return np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
 
 # %% ../nbs/19_dpm_solver.ipynb #66b60f6c
 def dpm_first_order_update(sample, m0, # (B, C, H, W) sample at s and the model's x0 (dpmsolver++) or eps (dpmsolver)
@@ -122,7 +111,7 @@ class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
         check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
         last_timestep = c.num_train_timesteps - clipped_idx
-        timesteps = dpm_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset, last_timestep)
+        timesteps = unipc_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, last_timestep)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         if c.use_karras_sigmas:
             sigma_min, sigma_max = getattr(c, 'sigma_min', None), getattr(c, 'sigma_max', None)  # keys of Euler configs

@@ -11,19 +11,10 @@ from .core import randn_tensor, register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
                                check_num_inference_steps, train_schedule, sigmas_from_alphas_cumprod, sigmas_at,
                                karras_sigmas, sigma_to_t)
+from .ddim import spaced_timesteps
 
 # %% auto #0
-__all__ = ['EULER_PREDICTION_TYPES', 'spaced_timesteps', 'SigmaStepMixin', 'predict_x0', 'EulerDiscreteScheduler',
-           'EulerAncestralDiscreteScheduler']
-
-# %% ../nbs/18_euler.ipynb #ea51a5f9
-def spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing='linspace', steps_offset=0) -> np.ndarray:
-    "The float32 sampling timesteps, high to low, as the Euler schedulers space them."
-    T, n = num_train_timesteps, num_inference_steps
-    check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-    if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
-    if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
-    return np.arange(T, 0, -T / n).round().astype(np.float32) - 1
+__all__ = ['EULER_PREDICTION_TYPES', 'SigmaStepMixin', 'predict_x0', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler']
 
 # %% ../nbs/18_euler.ipynb #cb09382b
 class SigmaStepMixin:
@@ -107,7 +98,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         "Choose the `num_inference_steps` sampling timesteps and their sigmas (plus the final sigma)."
         c = self.config
         check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
-        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
+        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset).astype(np.float32)
         train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         if c.interpolation_type == 'linear': sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         else: sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1).exp().numpy()
@@ -165,7 +156,7 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         "Choose the `num_inference_steps` sampling timesteps and their interpolated sigmas (plus a final 0)."
         c = self.config
         check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
-        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
+        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset).astype(np.float32)
         sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps).to(device)

@@ -17,12 +17,14 @@ __all__ = ['unipc_timesteps', 'convert_model_output', 'unipc_system', 'uni_bh_up
            'UniPCMultistepScheduler']
 
 # %% ../nbs/11_unipc.ipynb #21a200be
-def unipc_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='linspace', steps_offset=0):
-    "The descending int64 timesteps UniPC samples at."
+def unipc_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='linspace', steps_offset=0,
+                    last_timestep=None): # sample below this timestep (default `num_train_timesteps`)
+    "The descending int64 timesteps UniPC (and DPM-Solver) samples at."
     n, T = num_inference_steps, num_train_timesteps
-    if timestep_spacing == 'linspace': ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
-    elif timestep_spacing == 'leading': ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + steps_offset
-    elif timestep_spacing == 'trailing': ts = np.arange(T, 0, -T / n).round() - 1
+    last = T if last_timestep is None else last_timestep
+    if timestep_spacing == 'linspace': ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+    elif timestep_spacing == 'leading': ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + steps_offset
+    elif timestep_spacing == 'trailing': ts = np.arange(last, 0, -T / n).round() - 1
     else: raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
     return ts.copy().astype(np.int64)
 
