@@ -11,7 +11,7 @@ from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDI
                                check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
                                sigmas_at, sigma_to_alpha_sigma_t, karras_sigmas, sigma_to_t)
 from .unipc import unipc_timesteps
-from .euler import SigmaStepMixin
+from .lms import SigmaSchedulerMixin
 
 # %% auto #0
 __all__ = ['alpha_sigma_lambda', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
@@ -71,7 +71,7 @@ def dpm_third_order_update(sample, ms, # sample at s0; [.., m2, m1, m0]: model o
 # %% ../nbs/19_dpm_solver.ipynb #1d59e4bd
 _UNSUPPORTED = ('use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting')
 
-class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
+class _DPMSolverSchedule(SigmaSchedulerMixin, SchedulerMixin):
     "Config, timesteps and sigmas of `DPMSolverMultistepScheduler` (its solver methods follow in the next cell)."
     order, init_noise_sigma = 1, 1.0
     @register_to_config

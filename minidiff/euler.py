@@ -12,65 +12,19 @@ from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDI
                                check_num_inference_steps, train_schedule, sigmas_from_alphas_cumprod, sigmas_at,
                                karras_sigmas, sigma_to_t)
 from .ddim import spaced_timesteps
+from .lms import SigmaSchedulerMixin, sigma_x0_pred
 
 # %% auto #0
-__all__ = ['EULER_PREDICTION_TYPES', 'SigmaStepMixin', 'predict_x0', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler']
+__all__ = ['EULER_PREDICTION_TYPES', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler']
 
 # %% ../nbs/18_euler.ipynb #cb09382b
-class SigmaStepMixin:
-    "Step index bookkeeping, `init_noise_sigma`, `scale_model_input` and `add_noise` of the sigma-based schedulers."
-    @property
-    def step_index(self): return self._step_index
-    @property
-    def begin_index(self): return self._begin_index
-    def set_begin_index(self, begin_index: int = 0): self._begin_index = begin_index
-    @property
-    def init_noise_sigma(self) -> torch.Tensor:
-        "Std of the starting noise: `sigma_max`, or `sqrt(sigma_max**2 + 1)` with 'leading' spacing."
-        max_sigma = self.sigmas.max()
-        return max_sigma if self.config.timestep_spacing in ('linspace', 'trailing') else (max_sigma**2 + 1) ** 0.5
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        "Position of `timestep` in the schedule (the second one if it repeats, so img2img does not skip a sigma)."
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0: raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps: pass one of scheduler.timesteps")
-        return idx[1 if len(idx) > 1 else 0].item()
-    def _init_step_index(self, timestep):
-        if self.begin_index is not None: self._step_index = self._begin_index
-        else: self._step_index = self.index_for_timestep(timestep.to(self.timesteps.device) if torch.is_tensor(timestep) else timestep)
-    def _check_ready(self, timestep):
-        if self.num_inference_steps is None: raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
-        if self.step_index is None: self._init_step_index(timestep)
-        if self.step_index >= len(self.sigmas) - 1: raise ValueError(f"all {self.num_inference_steps} steps are done: call set_timesteps again")
-    def scale_model_input(self, sample, timestep) -> torch.Tensor:
-        "Divide the VE sample by `sqrt(sigma**2 + 1)`, the scale the model was trained on."
-        self._check_ready(timestep)
-        self.is_scale_input_called = True
-        return sample / ((self.sigmas[self.step_index] ** 2 + 1) ** 0.5)
-    def _sigmas_for(self, timesteps, like):
-        "The sigmas of `timesteps` (or of the current/begin index when one is set), broadcastable against `like`."
-        sigmas, schedule = self.sigmas.to(device=like.device, dtype=like.dtype), self.timesteps.to(like.device)
-        timesteps = torch.as_tensor(timesteps).reshape(-1).to(like.device)
-        if self.begin_index is None: idx = [self.index_for_timestep(t, schedule) for t in timesteps]
-        else: idx = [self.step_index if self.step_index is not None else self.begin_index] * timesteps.shape[0]
-        return sigmas[idx].flatten().reshape(-1, *[1] * (like.ndim - 1))
-    def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
-        "The forward process in VE form: `x = x_0 + sigma_t * noise`."
-        return original_samples + noise * self._sigmas_for(timesteps, original_samples)
-
-# %% ../nbs/18_euler.ipynb #0e77a1f1
 EULER_PREDICTION_TYPES = PREDICTION_TYPES + ('original_sample',)
 _log = logging.getLogger(__name__)
 
-def predict_x0(model_output, sample, # (B, C, H, W) model output and VE sample x = x_0 + sigma * eps
-               sigma, sigma_hat, prediction_type='epsilon') -> torch.Tensor:
-    "The denoiser `D(x; sigma)`: the model's estimate of the clean sample."
-    if prediction_type == 'epsilon': return sample - sigma_hat * model_output
-    if prediction_type == 'v_prediction': return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
-    return model_output
+
 
 # %% ../nbs/18_euler.ipynb #ba7a93b5
-class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
+class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
     "Euler steps on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 2), as diffusers' `EulerDiscreteScheduler`."
     order = 1
     @register_to_config
@@ -128,7 +82,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             eps = noise * s_noise
             sample = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
-        x0_pred = predict_x0(model_output, sample, sigma, sigma_hat, self.config.prediction_type)
+        x0_pred = sigma_x0_pred(model_output, sample, sigma, self.config.prediction_type, sigma_hat)
         derivative = (sample - x0_pred) / sigma_hat  # dx/dsigma
         prev_sample = (sample + derivative * (self.sigmas[self.step_index + 1] - sigma_hat)).to(model_output.dtype)
         self._step_index += 1
@@ -136,7 +90,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
     def __len__(self): return self.config.num_train_timesteps
 
 # %% ../nbs/18_euler.ipynb #9557fe66
-class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
+class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
     "Euler steps plus fresh noise at every step (ancestral sampling), as diffusers' `EulerAncestralDiscreteScheduler`."
     order = 1
     @register_to_config
@@ -170,7 +124,7 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         if not self.is_scale_input_called: _log.warning("call scale_model_input before step")
         sigma_from, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
         sample = sample.to(torch.float32)
-        x0_pred = predict_x0(model_output, sample, sigma_from, sigma_from, self.config.prediction_type)
+        x0_pred = sigma_x0_pred(model_output, sample, sigma_from, self.config.prediction_type)
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         prev_sample = sample + (sample - x0_pred) / sigma_from * (sigma_down - sigma_from)
