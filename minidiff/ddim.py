@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from .core import randn_tensor, register_to_config
+from .ddpm_scheduler import predict_original_sample
 from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
                                PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample)
 
@@ -29,15 +30,10 @@ def spaced_timesteps(num_train_timesteps, # T, the number of training timesteps
 def predict_x0_eps(model_output, sample, # (B, C, H, W) model output and x_t
                    alpha_bar_t, prediction_type='epsilon') -> tuple:
     "`(x0_pred, eps)` from a model trained to predict `epsilon`, `sample` (x0) or `v_prediction`."
-    beta_bar_t = 1 - alpha_bar_t
-    if prediction_type == 'epsilon':
-        return (sample - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5, model_output
-    if prediction_type == 'sample':
-        return model_output, (sample - alpha_bar_t ** 0.5 * model_output) / beta_bar_t ** 0.5
-    if prediction_type == 'v_prediction':
-        return (alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output,
-                alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
+    x0_pred = predict_original_sample(model_output, sample, alpha_bar_t, prediction_type)
+    if prediction_type == 'epsilon': return x0_pred, model_output
+    if prediction_type == 'sample': return x0_pred, (sample - alpha_bar_t ** 0.5 * model_output) / (1 - alpha_bar_t) ** 0.5
+    return x0_pred, alpha_bar_t ** 0.5 * model_output + (1 - alpha_bar_t) ** 0.5 * sample
 
 # %% ../nbs/16_ddim.ipynb #14c07014
 def ddim_variance(alpha_bar_t, alpha_bar_prev):

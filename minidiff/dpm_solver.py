@@ -10,7 +10,7 @@ from .core import register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
                                check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
                                sigmas_at, sigma_to_alpha_sigma_t, karras_sigmas, sigma_to_t)
-from .unipc import unipc_timesteps
+from .unipc import unipc_timesteps, convert_model_output
 from .lms import SigmaSchedulerMixin
 
 # %% auto #0
@@ -145,26 +145,18 @@ class DPMSolverMultistepScheduler(_DPMSolverSchedule):
     "DPM-Solver(++) multistep, orders 1 to 3 (Lu et al. 2022a, 2022b), as diffusers' `DPMSolverMultistepScheduler`."
     def convert_model_output(self, model_output, sample=None) -> torch.Tensor:
         "The data prediction x0 (dpmsolver++) or the noise prediction eps (dpmsolver) at the current step."
-        c = self.config
-        alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[self.step_index])
+        c, sigma, predict_x0 = self.config, self.sigmas[self.step_index], self.config.algorithm_type == 'dpmsolver++'
         if c.prediction_type == 'epsilon' and c.variance_type in ('learned', 'learned_range'): model_output = model_output[:, :3]
-        if c.algorithm_type == 'dpmsolver++':
-            if c.prediction_type == 'epsilon': x0_pred = (sample - sigma_t * model_output) / alpha_t
-            elif c.prediction_type == 'sample': x0_pred = model_output
-            else: x0_pred = alpha_t * sample - sigma_t * model_output
-            return threshold_sample(x0_pred, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0_pred
-        if c.prediction_type == 'epsilon': eps = model_output
-        elif c.prediction_type == 'sample': eps = (sample - alpha_t * model_output) / sigma_t
-        else: eps = alpha_t * model_output + sigma_t * sample
-        if not c.thresholding: return eps
-        x0_pred = threshold_sample((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
+        m = convert_model_output(model_output, sample, sigma, c.prediction_type, predict_x0)  # UniPC's conversion
+        if not c.thresholding: return m
+        if predict_x0: return threshold_sample(m, c.dynamic_thresholding_ratio, c.sample_max_value)
+        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+        x0_pred = threshold_sample((sample - sigma_t * m) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
         return (sample - alpha_t * x0_pred) / sigma_t
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         "One multistep update, of order 1 up to `solver_order` depending on the history and the position."
-        if self.num_inference_steps is None: raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
-        if self.step_index is None: self._init_step_index(timestep)
-        if self.step_index >= len(self.timesteps): raise ValueError(f"all {len(self.timesteps)} steps are done: call set_timesteps again")
+        self._check_ready(timestep)
         c, i, n, s = self.config, self.step_index, len(self.timesteps), self.sigmas
         lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == 'zero')
         lower_order_second = i == n - 2 and c.lower_order_final and n < 15
