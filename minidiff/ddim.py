@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from .core import randn_tensor, register_to_config
 from .ddpm_scheduler import predict_original_sample
-from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
+from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS,
                                PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample)
 
 # %% auto #0
@@ -50,10 +50,9 @@ class DDIMScheduler(SchedulerMixin):
                  timestep_spacing='leading', rescale_betas_zero_snr=False):
         check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr: self.betas = rescale_zero_terminal_snr(self.betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                                         rescale_betas_zero_snr, terminal_alpha_bar=None)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma, self.num_inference_steps = 1.0, None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import torch
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, TIMESTEP_SPACINGS, check_choice, check_num_inference_steps
+from .schedule import SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS, check_choice, check_num_inference_steps
 from .core import register_to_config
 
 # %% auto #0
@@ -56,9 +56,8 @@ class PNDMScheduler(SchedulerMixin):
                  skip_prk_steps=False, set_alpha_to_one=False, prediction_type='epsilon', timestep_spacing='leading', steps_offset=0):
         check_choice('prediction_type', prediction_type, ('epsilon', 'v_prediction'))
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma, self.pndm_order = 1.0, 4
         self.num_inference_steps = self.timesteps = self.prk_timesteps = self.plms_timesteps = None

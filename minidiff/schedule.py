@@ -70,12 +70,13 @@ def threshold_sample(x0, # (B, ...) predicted clean sample
 
 # %% ../nbs/02_schedule.ipynb #b0c8471e
 def train_schedule(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
-                   trained_betas=None, rescale_betas_zero_snr=False) -> tuple:
-    "The float32 `(betas, alphas_cumprod)` of a sigma scheduler's config (a zero terminal `alpha_bar` nudged to `2**-24`)."
+                   trained_betas=None, rescale_betas_zero_snr=False,
+                   terminal_alpha_bar=2**-24) -> tuple: # what a zero final alpha_bar becomes; None keeps 0 (DDIM)
+    "The float32 `(betas, alphas_cumprod)` of a scheduler config."
     betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
     if rescale_betas_zero_snr: betas = rescale_zero_terminal_snr(betas)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    if rescale_betas_zero_snr: alphas_cumprod[-1] = 2**-24
+    if rescale_betas_zero_snr and terminal_alpha_bar is not None: alphas_cumprod[-1] = terminal_alpha_bar
     return betas, alphas_cumprod
 
 def sigmas_from_alphas_cumprod(alphas_cumprod): # (T,) float32 alpha_bar
