@@ -9,22 +9,10 @@ import torch
 from .core import randn_tensor, register_to_config
 from .ddpm_scheduler import predict_original_sample
 from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS,
-                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample)
+                               PREDICTION_TYPES, check_choice, threshold_sample, spaced_timesteps)
 
 # %% auto #0
-__all__ = ['spaced_timesteps', 'predict_x0_eps', 'ddim_variance', 'DDIMScheduler']
-
-# %% ../nbs/16_ddim.ipynb #c91a13dc
-def spaced_timesteps(num_train_timesteps, # T, the number of training timesteps
-                     num_inference_steps, # n, how many of them to visit
-                     timestep_spacing='leading', steps_offset=0) -> np.ndarray:
-    "Descending float64 timesteps, as diffusers computes them (`linspace` ones not rounded)."
-    T, n = num_train_timesteps, num_inference_steps
-    check_num_inference_steps(n, T)
-    check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-    if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n)[::-1].copy()
-    if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
-    return np.round(np.arange(T, 0, -T / n)) - 1
+__all__ = ['predict_x0_eps', 'ddim_variance', 'DDIMScheduler']
 
 # %% ../nbs/16_ddim.ipynb #5048d5d3
 def predict_x0_eps(model_output, sample, # (B, C, H, W) model output and x_t

@@ -4,11 +4,12 @@
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #cb67c82d
 from __future__ import annotations
-import math, operator
+import operator
+import numpy as np
 import torch
 from .core import register_to_config, randn_tensor
 from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
-                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample)
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample, spaced_timesteps)
 
 # %% auto #0
 __all__ = ['VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample', 'posterior_mean', 'posterior_std', 'DDPMScheduler']
@@ -17,17 +18,8 @@ __all__ = ['VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample', 'poste
 def ddpm_timesteps(num_inference_steps:int, # how many sampling steps
                    num_train_timesteps:int=1000, timestep_spacing:str='leading', steps_offset:int=0) -> torch.Tensor:
     "The descending int64 timesteps that `set_timesteps` visits, as diffusers spaces them."
-    n, T = num_inference_steps, num_train_timesteps
-    if timestep_spacing == 'leading': return torch.arange(n - 1, -1, -1, dtype=torch.int64) * (T // n) + steps_offset
-    if timestep_spacing == 'linspace':
-        ts = torch.arange(n, dtype=torch.float64) * ((T - 1) / (n - 1) if n > 1 else 0.0)
-        ts[-1] = T - 1 if n > 1 else 0
-        return ts.round().flip(0).to(torch.int64)
-    if timestep_spacing == 'trailing':
-        r = T / n
-        ts = T + torch.arange(math.ceil(T / r), dtype=torch.float64) * ((T - r) - T)
-        return ts.round().to(torch.int64) - 1
-    raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
+    ts = spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset)
+    return torch.from_numpy(ts.round().astype(np.int64))
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #5ae59498
 def predict_original_sample(model_output, # (B, C, H, W) what the network predicted

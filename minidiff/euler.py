@@ -10,8 +10,7 @@ import torch
 from .core import randn_tensor, register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
                                check_num_inference_steps, train_schedule, sigmas_from_alphas_cumprod, sigmas_at,
-                               karras_sigmas, sigma_to_t)
-from .ddim import spaced_timesteps
+                               karras_sigmas, sigma_to_t, spaced_timesteps)
 from .lms import SigmaSchedulerMixin, sigma_x0_pred
 
 # %% auto #0

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from .core import register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice, train_schedule,
-                               sigmas_at, karras_sigmas, sigma_to_t)
-from .ddim import spaced_timesteps
+                               sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps)
 
 # %% auto #0
 __all__ = ['exponential_sigmas', 'beta_ppf', 'beta_sigmas', 'gauss_legendre', 'lms_coefficient', 'SigmaSchedulerMixin',

@@ -6,7 +6,8 @@
 from __future__ import annotations
 import numpy as np
 import torch
-from .schedule import SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS, check_choice, check_num_inference_steps
+from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS, check_choice,
+                               check_num_inference_steps, spaced_timesteps)
 from .core import register_to_config
 
 # %% auto #0
@@ -25,11 +26,8 @@ def pndm_transfer(sample, # (B, ...) x_t
 # %% ../nbs/12_pndm.ipynb #8326a7ba
 def pndm_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='leading', steps_offset=0):
     "The `n` base timesteps, ascending (int64)."
-    n, T = num_inference_steps, num_train_timesteps
-    if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n).round().astype(np.int64)
-    if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round().astype(np.int64) + steps_offset
-    if timestep_spacing == 'trailing': return np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
-    raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
+    ts = spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset)
+    return ts.round().astype(np.int64)[::-1].copy()
 
 def pndm_step_timesteps(base, num_inference_steps, num_train_timesteps=1000, skip_prk_steps=True):
     "The (PRK, PLMS) timesteps, descending, that the model is called at."

@@ -12,9 +12,10 @@ from .core import BaseOutput, ConfigMixin, _REGISTRY
 
 # %% auto #0
 __all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas',
-           'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'threshold_sample',
-           'train_schedule', 'sigmas_from_alphas_cumprod', 'sigmas_at', 'sigma_to_alpha_sigma_t', 'sigma_to_lambda',
-           'karras_sigmas', 'sigma_to_t', 'SchedulerOutput', 'SchedulerMixin', 'scheduler_loop', 'toy_model_fn']
+           'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'spaced_timesteps',
+           'threshold_sample', 'train_schedule', 'sigmas_from_alphas_cumprod', 'sigmas_at', 'sigma_to_alpha_sigma_t',
+           'sigma_to_lambda', 'karras_sigmas', 'sigma_to_t', 'SchedulerOutput', 'SchedulerMixin', 'scheduler_loop',
+           'toy_model_fn']
 
 # %% ../nbs/02_schedule.ipynb #a61e0c3f
 def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999):
@@ -58,6 +59,18 @@ def check_num_inference_steps(n, # the requested number of sampling steps
     if isinstance(n, bool) or not isinstance(n, numbers.Integral): raise TypeError(f"num_inference_steps must be an int, got {n!r}")
     if not 1 <= n <= num_train_timesteps:
         raise ValueError(f"num_inference_steps={n} must be between 1 and num_train_timesteps={num_train_timesteps}")
+
+# %% ../nbs/02_schedule.ipynb #309c72e4
+def spaced_timesteps(num_train_timesteps, # T, the number of training timesteps
+                     num_inference_steps, # n, how many of them to visit
+                     timestep_spacing='leading', steps_offset=0) -> np.ndarray:
+    "Descending float64 timesteps, as diffusers computes them (`linspace` ones not rounded)."
+    T, n = num_train_timesteps, num_inference_steps
+    check_num_inference_steps(n, T)
+    check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
+    if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n)[::-1].copy()
+    if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
+    return np.round(np.arange(T, 0, -T / n)) - 1
 
 # %% ../nbs/02_schedule.ipynb #71797b77
 def threshold_sample(x0, # (B, ...) predicted clean sample
