@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from .core import register_to_config
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice, train_schedule,
-                               sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps)
+                               sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps, StepIndexMixin)
 
 # %% auto #0
 __all__ = ['exponential_sigmas', 'beta_ppf', 'beta_sigmas', 'gauss_legendre', 'lms_coefficient', 'SigmaSchedulerMixin',
@@ -72,13 +72,8 @@ def lms_coefficient(sigmas, # (n+1,) the sigmas of the sampling loop, ending wit
     return ((b - a) / 2 * (weights * basis).sum()).item()
 
 # %% ../nbs/17_lms.ipynb #ca73d235
-class SigmaSchedulerMixin:
+class SigmaSchedulerMixin(StepIndexMixin):
     "Step index, input scaling, starting noise and `add_noise` of the sigma schedulers (LMS, Euler, DPM-Solver), as in diffusers."
-    @property
-    def step_index(self): return self._step_index
-    @property
-    def begin_index(self): return self._begin_index
-    def set_begin_index(self, begin_index: int = 0): self._begin_index = begin_index
     @property
     def init_noise_sigma(self) -> torch.Tensor:
         "Std of the starting noise: `sigma_max`, or `sqrt(sigma_max**2 + 1)` with 'leading' spacing."

@@ -14,8 +14,8 @@ from .core import BaseOutput, ConfigMixin, _REGISTRY
 __all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas',
            'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'spaced_timesteps',
            'threshold_sample', 'train_schedule', 'sigmas_from_alphas_cumprod', 'sigmas_at', 'sigma_to_alpha_sigma_t',
-           'sigma_to_lambda', 'karras_sigmas', 'sigma_to_t', 'SchedulerOutput', 'SchedulerMixin', 'scheduler_loop',
-           'toy_model_fn']
+           'sigma_to_lambda', 'karras_sigmas', 'sigma_to_t', 'SchedulerOutput', 'SchedulerMixin', 'StepIndexMixin',
+           'scheduler_loop', 'toy_model_fn']
 
 # %% ../nbs/02_schedule.ipynb #a61e0c3f
 def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999):
@@ -159,6 +159,17 @@ class SchedulerMixin(ConfigMixin):
         "The scheduler classes that can replace this one (`Other.from_config(self.config)`)."
         names = list(dict.fromkeys([*self._compatibles, type(self).__name__]))
         return [_REGISTRY[n] for n in names if n in _REGISTRY]
+
+# %% ../nbs/02_schedule.ipynb #f89e7b82
+class StepIndexMixin:
+    "The position of a multistep or sigma scheduler in its loop: `step_index`, and `begin_index` for img2img."
+    @property
+    def step_index(self): return self._step_index
+    @property
+    def begin_index(self): return self._begin_index
+    def set_begin_index(self, begin_index:int=0):
+        "Start the next loop at position `begin_index` of `timesteps` (img2img pipelines call this)."
+        self._begin_index = begin_index
 
 # %% ../nbs/02_schedule.ipynb #83fb559d
 def scheduler_loop(scheduler, num_inference_steps, sample, # (B, C, H, W) starting noise, unscaled

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
                                check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
-                               sigma_to_alpha_sigma_t, sigma_to_lambda, karras_sigmas, sigma_to_t)
+                               sigma_to_alpha_sigma_t, sigma_to_lambda, karras_sigmas, sigma_to_t, StepIndexMixin)
 from .core import register_to_config
 
 # %% auto #0
@@ -118,7 +118,7 @@ def index_for_timestep(timestep, schedule_timesteps):
     return idx[1 if len(idx) > 1 else 0].item()
 
 # %% ../nbs/11_unipc.ipynb #d9c9cd53
-class UniPCMultistepScheduler(SchedulerMixin):
+class UniPCMultistepScheduler(StepIndexMixin, SchedulerMixin):
     "UniPC (Zhao et al. 2023): multistep UniP predictor and UniC corrector, as diffusers' `UniPCMultistepScheduler`."
     order = 1
     @register_to_config
@@ -173,11 +173,6 @@ class UniPCMultistepScheduler(SchedulerMixin):
     def _init_step_index(self, timestep):
         if self._begin_index is not None: self._step_index = self._begin_index
         else: self._step_index = index_for_timestep(torch.as_tensor(timestep).to(self.timesteps.device), self.timesteps)
-    @property
-    def step_index(self): return self._step_index
-    @property
-    def begin_index(self): return self._begin_index
-    def set_begin_index(self, begin_index=0): self._begin_index = begin_index
     def scale_model_input(self, sample, *args, **kwargs): return sample
     def __len__(self): return self.config.num_train_timesteps
     def add_noise(self, original_samples, noise, timesteps): # (B, ...) clean samples, (B, ...) noise, (B,) timesteps
