@@ -7,57 +7,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 from .core import randn_tensor, register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr
+from .ddpm_scheduler import predict_original_sample
+from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS,
+                               PREDICTION_TYPES, check_choice, threshold_sample, spaced_timesteps)
 
 # %% auto #0
-__all__ = ['TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'check_choice', 'spaced_timesteps', 'predict_x0_eps', 'threshold_sample',
-           'ddim_variance', 'DDIMScheduler']
-
-# %% ../nbs/16_ddim.ipynb #c91a13dc
-TIMESTEP_SPACINGS = ('leading', 'linspace', 'trailing')
-PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
-
-def check_choice(name, value, choices):
-    "Raise a `ValueError` naming `name` when `value` is not one of `choices`."
-    if value not in choices: raise ValueError(f"unknown {name} {value!r}: use one of {choices}")
-
-# %% ../nbs/16_ddim.ipynb #3622b625
-def spaced_timesteps(num_train_timesteps, # T, the number of training timesteps
-                     num_inference_steps, # n, how many of them to visit
-                     timestep_spacing='leading', steps_offset=0) -> np.ndarray:
-    "Descending float64 timesteps, as diffusers computes them (`linspace` ones not rounded)."
-    T, n = num_train_timesteps, num_inference_steps
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"num_inference_steps must be an int, got {n!r}")
-    if not 1 <= n <= T: raise ValueError(f"num_inference_steps={n} must be between 1 and num_train_timesteps={T}")
-    check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-    if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n)[::-1].copy()
-    if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
-    return np.round(np.arange(T, 0, -T / n)) - 1
+__all__ = ['predict_x0_eps', 'ddim_variance', 'DDIMScheduler']
 
 # %% ../nbs/16_ddim.ipynb #5048d5d3
 def predict_x0_eps(model_output, sample, # (B, C, H, W) model output and x_t
                    alpha_bar_t, prediction_type='epsilon') -> tuple:
     "`(x0_pred, eps)` from a model trained to predict `epsilon`, `sample` (x0) or `v_prediction`."
-    beta_bar_t = 1 - alpha_bar_t
-    if prediction_type == 'epsilon':
-        return (sample - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5, model_output
-    if prediction_type == 'sample':
-        return model_output, (sample - alpha_bar_t ** 0.5 * model_output) / beta_bar_t ** 0.5
-    if prediction_type == 'v_prediction':
-        return (alpha_bar_t ** 0.5 * sample - beta_bar_t ** 0.5 * model_output,
-                alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * sample)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
-
-# %% ../nbs/16_ddim.ipynb #7df1c2bb
-def threshold_sample(x0_pred, # (B, C, H, W) predicted clean sample
-                     ratio=0.995, max_value=1.0) -> torch.Tensor:
-    "Dynamic thresholding (Imagen): clip each image to its `ratio` quantile `s` of `|x0|` (1 <= s <= `max_value`), divide by `s`."
-    dtype, (b, *rest) = x0_pred.dtype, x0_pred.shape
-    flat = x0_pred.reshape(b, -1)
-    if dtype not in (torch.float32, torch.float64): flat = flat.float()
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
-    return (torch.clamp(flat, -s, s) / s).reshape(b, *rest).to(dtype)
+    x0_pred = predict_original_sample(model_output, sample, alpha_bar_t, prediction_type)
+    if prediction_type == 'epsilon': return x0_pred, model_output
+    if prediction_type == 'sample': return x0_pred, (sample - alpha_bar_t ** 0.5 * model_output) / (1 - alpha_bar_t) ** 0.5
+    return x0_pred, alpha_bar_t ** 0.5 * model_output + (1 - alpha_bar_t) ** 0.5 * sample
 
 # %% ../nbs/16_ddim.ipynb #14c07014
 def ddim_variance(alpha_bar_t, alpha_bar_prev):
@@ -74,10 +38,9 @@ class DDIMScheduler(SchedulerMixin):
                  timestep_spacing='leading', rescale_betas_zero_snr=False):
         check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr: self.betas = rescale_zero_terminal_snr(self.betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                                         rescale_betas_zero_snr, terminal_alpha_bar=None)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma, self.num_inference_steps = 1.0, None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)

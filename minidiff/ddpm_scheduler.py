@@ -4,36 +4,24 @@
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #cb67c82d
 from __future__ import annotations
-import math, numbers, operator
+import operator
+import numpy as np
 import torch
 from .core import register_to_config, randn_tensor
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr
+from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample, spaced_timesteps)
 
 # %% auto #0
-__all__ = ['TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample',
-           'threshold_sample', 'posterior_mean', 'posterior_std', 'DDPMScheduler']
+__all__ = ['VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample', 'posterior_mean', 'posterior_std', 'DDPMScheduler']
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #8c2ec9e8
-TIMESTEP_SPACINGS = ('leading', 'linspace', 'trailing')
-
 def ddpm_timesteps(num_inference_steps:int, # how many sampling steps
                    num_train_timesteps:int=1000, timestep_spacing:str='leading', steps_offset:int=0) -> torch.Tensor:
     "The descending int64 timesteps that `set_timesteps` visits, as diffusers spaces them."
-    n, T = num_inference_steps, num_train_timesteps
-    if timestep_spacing == 'leading': return torch.arange(n - 1, -1, -1, dtype=torch.int64) * (T // n) + steps_offset
-    if timestep_spacing == 'linspace':
-        ts = torch.arange(n, dtype=torch.float64) * ((T - 1) / (n - 1) if n > 1 else 0.0)
-        ts[-1] = T - 1 if n > 1 else 0
-        return ts.round().flip(0).to(torch.int64)
-    if timestep_spacing == 'trailing':
-        r = T / n
-        ts = T + torch.arange(math.ceil(T / r), dtype=torch.float64) * ((T - r) - T)
-        return ts.round().to(torch.int64) - 1
-    raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
+    ts = spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset)
+    return torch.from_numpy(ts.round().astype(np.int64))
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #5ae59498
-PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
-
 def predict_original_sample(model_output, # (B, C, H, W) what the network predicted
                             sample, # (B, C, H, W) the current x_t
                             alpha_bar_t, # 0-d tensor, alpha_bar at t
@@ -43,14 +31,6 @@ def predict_original_sample(model_output, # (B, C, H, W) what the network predic
     if prediction_type == 'sample': return model_output
     if prediction_type == 'v_prediction': return alpha_bar_t ** 0.5 * sample - (1 - alpha_bar_t) ** 0.5 * model_output
     raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
-
-def threshold_sample(x0, # (B, ...) predicted clean sample
-                     ratio:float=0.995, max_value:float=1.0) -> torch.Tensor:
-    "Imagen's dynamic thresholding: clamp each sample to its `ratio` quantile of `|x0|` and rescale."
-    dtype, flat = x0.dtype, x0.reshape(x0.shape[0], -1)
-    if dtype not in (torch.float32, torch.float64): flat = flat.float()
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
-    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #e1aa6205
 def posterior_mean(x0, # (B, C, H, W) predicted clean sample
@@ -91,10 +71,9 @@ class DDPMScheduler(SchedulerMixin):
                  clip_sample:bool=True, prediction_type:str='epsilon', thresholding:bool=False,
                  dynamic_thresholding_ratio:float=0.995, clip_sample_range:float=1.0, sample_max_value:float=1.0,
                  timestep_spacing:str='leading', steps_offset:int=0, rescale_betas_zero_snr:bool=False):
-        for key, value, ok in [('variance_type', variance_type, VARIANCE_TYPES + (None,)),
-                               ('prediction_type', prediction_type, PREDICTION_TYPES),
-                               ('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)]:
-            if value not in ok: raise ValueError(f"unknown {key} {value!r}: use one of {tuple(o for o in ok if o)}")
+        check_choice('variance_type', variance_type, VARIANCE_TYPES + (None,))
+        check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
+        check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
         if beta_schedule == 'sigmoid' and trained_betas is None:  # GeoDiff's schedule
             self.betas = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float32)) * (beta_end - beta_start) + beta_start
         else: self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
@@ -124,10 +103,7 @@ def _set_timesteps(self, num_inference_steps:int=None, device=None, timesteps:li
             raise ValueError(f"timesteps must be a descending list of integers in [0, {T}), got {timesteps}")
         self.num_inference_steps, self.custom_timesteps = len(ts), True
     else:
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
-            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} must be between 1 and num_train_timesteps={T}")
+        check_num_inference_steps(num_inference_steps, T)
         ts = ddpm_timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
         self.num_inference_steps, self.custom_timesteps = num_inference_steps, False
     self.timesteps = ts.to(device)

@@ -7,32 +7,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 from .core import register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput
-from .ddpm_scheduler import TIMESTEP_SPACINGS, threshold_sample
-from .euler import SigmaStepMixin, check_choice, check_num_inference_steps, karras_sigmas, sigma_to_t, train_schedule
+from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
+                               check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
+                               sigmas_at, sigma_to_alpha_sigma_t, karras_sigmas, sigma_to_t)
+from .unipc import unipc_timesteps, convert_model_output
+from .lms import SigmaSchedulerMixin
 
 # %% auto #0
-__all__ = ['alpha_sigma_lambda', 'dpm_timesteps', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
+__all__ = ['alpha_sigma_lambda', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
            'DPMSolverMultistepScheduler']
 
 # %% ../nbs/19_dpm_solver.ipynb #2215768d
 def alpha_sigma_lambda(sigma) -> tuple:
     "VP `alpha_t`, `sigma_t` and `lambda_t = log(alpha_t / sigma_t)` of a VE noise level `sigma`."
-    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-    sigma_t = sigma * alpha_t
+    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
     return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
-
-# %% ../nbs/19_dpm_solver.ipynb #a8ea328a
-def dpm_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing='linspace', steps_offset=0,
-                  last_timestep=None) -> np.ndarray:
-    "The int64 sampling timesteps of DPM-Solver, high to low, below `last_timestep` (default `num_train_timesteps`)."
-    T, n = num_train_timesteps, num_inference_steps
-    last = T if last_timestep is None else last_timestep
-    check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-    if timestep_spacing == 'linspace': return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    if timestep_spacing == 'leading':
-        return (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
-    return np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
 
 # %% ../nbs/19_dpm_solver.ipynb #66b60f6c
 def dpm_first_order_update(sample, m0, # (B, C, H, W) sample at s and the model's x0 (dpmsolver++) or eps (dpmsolver)
@@ -82,7 +71,7 @@ def dpm_third_order_update(sample, ms, # sample at s0; [.., m2, m1, m0]: model o
 # %% ../nbs/19_dpm_solver.ipynb #1d59e4bd
 _UNSUPPORTED = ('use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting')
 
-class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
+class _DPMSolverSchedule(SigmaSchedulerMixin, SchedulerMixin):
     "Config, timesteps and sigmas of `DPMSolverMultistepScheduler` (its solver methods follow in the next cell)."
     order, init_noise_sigma = 1, 1.0
     @register_to_config
@@ -97,7 +86,7 @@ class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
         check_choice('algorithm_type', algorithm_type, ('dpmsolver++', 'dpmsolver', 'deis'))
         check_choice('solver_order', solver_order, (1, 2, 3))
         check_choice('solver_type', solver_type, ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'))
-        check_choice('prediction_type', prediction_type, ('epsilon', 'sample', 'v_prediction'))
+        check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
         check_choice('final_sigmas_type', final_sigmas_type, ('zero', 'sigma_min'))
         unsupported = [k for k in _UNSUPPORTED if self.config[k]]
@@ -111,7 +100,7 @@ class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
         self.alphas = 1.0 - self.betas
         self.alpha_t, self.sigma_t = torch.sqrt(self.alphas_cumprod), torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
         self.num_inference_steps, self.model_outputs, self.lower_order_nums = None, [None] * solver_order, 0
         self._step_index = self._begin_index = None
@@ -122,14 +111,15 @@ class _DPMSolverSchedule(SigmaStepMixin, SchedulerMixin):
         check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
         last_timestep = c.num_train_timesteps - clipped_idx
-        timesteps = dpm_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset, last_timestep)
-        train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        timesteps = unipc_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, last_timestep)
+        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         if c.use_karras_sigmas:
             sigma_min, sigma_max = getattr(c, 'sigma_min', None), getattr(c, 'sigma_max', None)  # keys of Euler configs
-            sigmas = karras_sigmas(np.flip(train_sigmas).copy(), num_inference_steps, sigma_min, sigma_max)
+            sigma_min, sigma_max = [v if v is not None else d for v, d in ((sigma_min, train_sigmas[0].item()), (sigma_max, train_sigmas[-1].item()))]
+            sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
             timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
             if c.beta_schedule != 'squaredcos_cap_v2': timesteps = timesteps.round()
-        else: sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+        else: sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
@@ -155,26 +145,18 @@ class DPMSolverMultistepScheduler(_DPMSolverSchedule):
     "DPM-Solver(++) multistep, orders 1 to 3 (Lu et al. 2022a, 2022b), as diffusers' `DPMSolverMultistepScheduler`."
     def convert_model_output(self, model_output, sample=None) -> torch.Tensor:
         "The data prediction x0 (dpmsolver++) or the noise prediction eps (dpmsolver) at the current step."
-        c = self.config
-        alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[self.step_index])
+        c, sigma, predict_x0 = self.config, self.sigmas[self.step_index], self.config.algorithm_type == 'dpmsolver++'
         if c.prediction_type == 'epsilon' and c.variance_type in ('learned', 'learned_range'): model_output = model_output[:, :3]
-        if c.algorithm_type == 'dpmsolver++':
-            if c.prediction_type == 'epsilon': x0_pred = (sample - sigma_t * model_output) / alpha_t
-            elif c.prediction_type == 'sample': x0_pred = model_output
-            else: x0_pred = alpha_t * sample - sigma_t * model_output
-            return threshold_sample(x0_pred, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0_pred
-        if c.prediction_type == 'epsilon': eps = model_output
-        elif c.prediction_type == 'sample': eps = (sample - alpha_t * model_output) / sigma_t
-        else: eps = alpha_t * model_output + sigma_t * sample
-        if not c.thresholding: return eps
-        x0_pred = threshold_sample((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
+        m = convert_model_output(model_output, sample, sigma, c.prediction_type, predict_x0)  # UniPC's conversion
+        if not c.thresholding: return m
+        if predict_x0: return threshold_sample(m, c.dynamic_thresholding_ratio, c.sample_max_value)
+        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+        x0_pred = threshold_sample((sample - sigma_t * m) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
         return (sample - alpha_t * x0_pred) / sigma_t
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         "One multistep update, of order 1 up to `solver_order` depending on the history and the position."
-        if self.num_inference_steps is None: raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
-        if self.step_index is None: self._init_step_index(timestep)
-        if self.step_index >= len(self.timesteps): raise ValueError(f"all {len(self.timesteps)} steps are done: call set_timesteps again")
+        self._check_ready(timestep)
         c, i, n, s = self.config, self.step_index, len(self.timesteps), self.sigmas
         lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == 'zero')
         lower_order_second = i == n - 2 and c.lower_order_final and n < 15

@@ -8,117 +8,22 @@ import logging
 import numpy as np
 import torch
 from .core import randn_tensor, register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr
-from .ddpm_scheduler import TIMESTEP_SPACINGS
+from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
+                               check_num_inference_steps, train_schedule, sigmas_from_alphas_cumprod, sigmas_at,
+                               karras_sigmas, sigma_to_t, spaced_timesteps)
+from .lms import SigmaSchedulerMixin, sigma_x0_pred
 
 # %% auto #0
-__all__ = ['EULER_PREDICTION_TYPES', 'train_schedule', 'check_choice', 'check_num_inference_steps', 'spaced_timesteps',
-           'karras_sigmas', 'sigma_to_t', 'SigmaStepMixin', 'predict_x0', 'EulerDiscreteScheduler',
-           'EulerAncestralDiscreteScheduler']
-
-# %% ../nbs/18_euler.ipynb #37c4fc76
-def train_schedule(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
-                   trained_betas=None, rescale_betas_zero_snr=False) -> tuple:
-    "The float32 `(betas, alphas_cumprod)` of a scheduler config."
-    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-    if rescale_betas_zero_snr: betas = rescale_zero_terminal_snr(betas)
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    if rescale_betas_zero_snr: alphas_cumprod[-1] = 2**-24
-    return betas, alphas_cumprod
-
-def check_choice(name, value, choices):
-    "Raise a `ValueError` naming `name` and `value` when `value` is not one of `choices`."
-    if value not in choices: raise ValueError(f"unsupported {name} {value!r}: use one of {tuple(choices)}")
-
-# %% ../nbs/18_euler.ipynb #ea51a5f9
-def check_num_inference_steps(num_inference_steps, num_train_timesteps):
-    "Raise a `ValueError` unless `1 <= num_inference_steps <= num_train_timesteps`."
-    n = num_inference_steps
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps={n!r}: it must be an integer from 1 to num_train_timesteps={num_train_timesteps}")
-
-def spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing='linspace', steps_offset=0) -> np.ndarray:
-    "The float32 sampling timesteps, high to low, as the Euler schedulers space them."
-    T, n = num_train_timesteps, num_inference_steps
-    check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-    if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
-    if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
-    return np.arange(T, 0, -T / n).round().astype(np.float32) - 1
-
-# %% ../nbs/18_euler.ipynb #9232c690
-def karras_sigmas(in_sigmas, # (n,) sigmas high to low; the ends give sigma_max and sigma_min
-                  num_inference_steps, sigma_min=None, sigma_max=None, rho=7.0) -> np.ndarray:
-    "EDM noise levels (Karras et al. 2022, eq. 5): evenly spaced in `sigma**(1/rho)` from sigma_max to sigma_min."
-    sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
-    sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
-    ramp = np.linspace(0, 1, num_inference_steps)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-def sigma_to_t(sigma, # (n,) noise levels
-               log_sigmas): # (T,) log of the training sigmas, low to high
-    "The fractional training timesteps of `sigma`, interpolating linearly in log sigma."
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
+__all__ = ['EULER_PREDICTION_TYPES', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler']
 
 # %% ../nbs/18_euler.ipynb #cb09382b
-class SigmaStepMixin:
-    "Step index bookkeeping, `init_noise_sigma`, `scale_model_input` and `add_noise` of the sigma-based schedulers."
-    @property
-    def step_index(self): return self._step_index
-    @property
-    def begin_index(self): return self._begin_index
-    def set_begin_index(self, begin_index: int = 0): self._begin_index = begin_index
-    @property
-    def init_noise_sigma(self) -> torch.Tensor:
-        "Std of the starting noise: `sigma_max`, or `sqrt(sigma_max**2 + 1)` with 'leading' spacing."
-        max_sigma = self.sigmas.max()
-        return max_sigma if self.config.timestep_spacing in ('linspace', 'trailing') else (max_sigma**2 + 1) ** 0.5
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        "Position of `timestep` in the schedule (the second one if it repeats, so img2img does not skip a sigma)."
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0: raise ValueError(f"timestep {timestep} is not one of the scheduler's timesteps: pass one of scheduler.timesteps")
-        return idx[1 if len(idx) > 1 else 0].item()
-    def _init_step_index(self, timestep):
-        if self.begin_index is not None: self._step_index = self._begin_index
-        else: self._step_index = self.index_for_timestep(timestep.to(self.timesteps.device) if torch.is_tensor(timestep) else timestep)
-    def _check_ready(self, timestep):
-        if self.num_inference_steps is None: raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
-        if self.step_index is None: self._init_step_index(timestep)
-        if self.step_index >= len(self.sigmas) - 1: raise ValueError(f"all {self.num_inference_steps} steps are done: call set_timesteps again")
-    def scale_model_input(self, sample, timestep) -> torch.Tensor:
-        "Divide the VE sample by `sqrt(sigma**2 + 1)`, the scale the model was trained on."
-        self._check_ready(timestep)
-        self.is_scale_input_called = True
-        return sample / ((self.sigmas[self.step_index] ** 2 + 1) ** 0.5)
-    def _sigmas_for(self, timesteps, like):
-        "The sigmas of `timesteps` (or of the current/begin index when one is set), broadcastable against `like`."
-        sigmas, schedule = self.sigmas.to(device=like.device, dtype=like.dtype), self.timesteps.to(like.device)
-        timesteps = torch.as_tensor(timesteps).reshape(-1).to(like.device)
-        if self.begin_index is None: idx = [self.index_for_timestep(t, schedule) for t in timesteps]
-        else: idx = [self.step_index if self.step_index is not None else self.begin_index] * timesteps.shape[0]
-        return sigmas[idx].flatten().reshape(-1, *[1] * (like.ndim - 1))
-    def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
-        "The forward process in VE form: `x = x_0 + sigma_t * noise`."
-        return original_samples + noise * self._sigmas_for(timesteps, original_samples)
-
-# %% ../nbs/18_euler.ipynb #0e77a1f1
-EULER_PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample', 'original_sample')
+EULER_PREDICTION_TYPES = PREDICTION_TYPES + ('original_sample',)
 _log = logging.getLogger(__name__)
 
-def predict_x0(model_output, sample, # (B, C, H, W) model output and VE sample x = x_0 + sigma * eps
-               sigma, sigma_hat, prediction_type='epsilon') -> torch.Tensor:
-    "The denoiser `D(x; sigma)`: the model's estimate of the clean sample."
-    if prediction_type == 'epsilon': return sample - sigma_hat * model_output
-    if prediction_type == 'v_prediction': return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
-    return model_output
+
 
 # %% ../nbs/18_euler.ipynb #ba7a93b5
-class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
+class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
     "Euler steps on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 2), as diffusers' `EulerDiscreteScheduler`."
     order = 1
     @register_to_config
@@ -136,7 +41,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                          trained_betas, rescale_betas_zero_snr)
         self.alphas, self.use_karras_sigmas = 1.0 - self.betas, use_karras_sigmas
-        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
+        sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).flip(0)
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy()).float()
         if timestep_type == 'continuous' and prediction_type == 'v_prediction': self.timesteps = 0.25 * sigmas.log()  # EDM c_noise
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
@@ -146,12 +51,14 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         "Choose the `num_inference_steps` sampling timesteps and their sigmas (plus the final sigma)."
         c = self.config
         check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
-        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
-        train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        if c.interpolation_type == 'linear': sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset).astype(np.float32)
+        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
+        if c.interpolation_type == 'linear': sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         else: sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1).exp().numpy()
         if c.use_karras_sigmas:
-            sigmas = karras_sigmas(sigmas, num_inference_steps, c.sigma_min, c.sigma_max)
+            lo = c.sigma_min if c.sigma_min is not None else sigmas[-1].item()
+            hi = c.sigma_max if c.sigma_max is not None else sigmas[0].item()
+            sigmas = karras_sigmas(lo, hi, num_inference_steps)
             timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
         sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
         sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
@@ -174,7 +81,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
             eps = noise * s_noise
             sample = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
-        x0_pred = predict_x0(model_output, sample, sigma, sigma_hat, self.config.prediction_type)
+        x0_pred = sigma_x0_pred(model_output, sample, sigma, self.config.prediction_type, sigma_hat)
         derivative = (sample - x0_pred) / sigma_hat  # dx/dsigma
         prev_sample = (sample + derivative * (self.sigmas[self.step_index + 1] - sigma_hat)).to(model_output.dtype)
         self._step_index += 1
@@ -182,7 +89,7 @@ class EulerDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
     def __len__(self): return self.config.num_train_timesteps
 
 # %% ../nbs/18_euler.ipynb #9557fe66
-class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
+class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
     "Euler steps plus fresh noise at every step (ancestral sampling), as diffusers' `EulerAncestralDiscreteScheduler`."
     order = 1
     @register_to_config
@@ -193,7 +100,7 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                          trained_betas, rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
-        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         self.sigmas = torch.from_numpy(np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy())
         self.num_inference_steps, self.is_scale_input_called, self._step_index, self._begin_index = None, False, None, None
@@ -202,9 +109,8 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         "Choose the `num_inference_steps` sampling timesteps and their interpolated sigmas (plus a final 0)."
         c = self.config
         check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
-        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset)
-        train_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset).astype(np.float32)
+        sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self.num_inference_steps, self._step_index, self._begin_index = num_inference_steps, None, None
@@ -217,7 +123,7 @@ class EulerAncestralDiscreteScheduler(SigmaStepMixin, SchedulerMixin):
         if not self.is_scale_input_called: _log.warning("call scale_model_input before step")
         sigma_from, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
         sample = sample.to(torch.float32)
-        x0_pred = predict_x0(model_output, sample, sigma_from, sigma_from, self.config.prediction_type)
+        x0_pred = sigma_x0_pred(model_output, sample, sigma_from, self.config.prediction_type)
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         prev_sample = sample + (sample - x0_pred) / sigma_from * (sigma_down - sigma_from)

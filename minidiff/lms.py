@@ -8,39 +8,17 @@ import math, warnings
 import numpy as np
 import torch
 from .core import register_to_config
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas
-from .ddim import PREDICTION_TYPES, TIMESTEP_SPACINGS, check_choice, spaced_timesteps
+from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice, train_schedule,
+                               sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps, StepIndexMixin)
 
 # %% auto #0
-__all__ = ['sigmas_at', 'karras_sigmas', 'exponential_sigmas', 'sigma_to_t', 'beta_ppf', 'beta_sigmas', 'gauss_legendre',
-           'lms_coefficient', 'SigmaSchedulerMixin', 'sigma_x0_pred', 'LMSDiscreteScheduler']
+__all__ = ['exponential_sigmas', 'beta_ppf', 'beta_sigmas', 'gauss_legendre', 'lms_coefficient', 'SigmaSchedulerMixin',
+           'sigma_x0_pred', 'LMSDiscreteScheduler']
 
 # %% ../nbs/17_lms.ipynb #e8bce403
-def sigmas_at(alphas_cumprod, # (T,) float32 alpha_bar
-              timesteps) -> np.ndarray: # (n,) float32, possibly fractional, timesteps
-    "sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), linearly interpolated at `timesteps` (float64)."
-    sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
-    return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
-
-def karras_sigmas(sigma_min, sigma_max, n, rho=7.0) -> np.ndarray:
-    "Karras et al. (2022) eq. 5: `n` sigmas from `sigma_max` to `sigma_min`, evenly spaced in sigma^(1/rho)."
-    ramp = np.linspace(0, 1, n)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
 def exponential_sigmas(sigma_min, sigma_max, n) -> np.ndarray:
     "`n` sigmas from `sigma_max` to `sigma_min`, evenly spaced in log sigma."
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-
-# %% ../nbs/17_lms.ipynb #c7f21f73
-def sigma_to_t(sigmas, # (n,) sigmas to place on the training schedule
-               log_sigmas) -> np.ndarray: # (T,) float32 log sigma of the training timesteps
-    "Fractional timesteps of `sigmas`, interpolating linearly in log sigma between training timesteps."
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    dists = log_sigma - log_sigmas[:, None]  # (T, n)
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
 
 # %% ../nbs/17_lms.ipynb #6a06da45
 def _beta_cdf_fraction(x, a, b, terms=40):
@@ -94,53 +72,51 @@ def lms_coefficient(sigmas, # (n+1,) the sigmas of the sampling loop, ending wit
     return ((b - a) / 2 * (weights * basis).sum()).item()
 
 # %% ../nbs/17_lms.ipynb #ca73d235
-class SigmaSchedulerMixin:
-    "Step index, input scaling, starting noise and `add_noise` of discrete-sigma schedulers (LMS, Euler), as in diffusers."
+class SigmaSchedulerMixin(StepIndexMixin):
+    "Step index, input scaling, starting noise and `add_noise` of the sigma schedulers (LMS, Euler, DPM-Solver), as in diffusers."
     @property
-    def step_index(self): return self._step_index
-    @property
-    def begin_index(self): return self._begin_index
-    def set_begin_index(self, begin_index=0): self._begin_index = begin_index
-
+    def init_noise_sigma(self) -> torch.Tensor:
+        "Std of the starting noise: `sigma_max`, or `sqrt(sigma_max**2 + 1)` with 'leading' spacing."
+        max_sigma = self.sigmas.max()
+        return max_sigma if self.config.timestep_spacing in ('linspace', 'trailing') else (max_sigma**2 + 1) ** 0.5
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        "Index of `timestep` in the schedule (the second one if it appears twice)."
+        "Position of `timestep` in the schedule (the second one if it repeats, so img2img does not skip a sigma)."
         schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        indices = (schedule_timesteps == timestep).nonzero()
-        if len(indices) == 0:
-            raise ValueError(f"timestep {timestep} is not in this scheduler's timesteps; call set_timesteps and use scheduler.timesteps")
-        return indices[1 if len(indices) > 1 else 0].item()
-
+        idx = (schedule_timesteps == timestep).nonzero()
+        if len(idx) == 0:
+            raise ValueError(f"timestep {timestep} is not one of this scheduler's timesteps: call set_timesteps and pass one of scheduler.timesteps")
+        return idx[1 if len(idx) > 1 else 0].item()
     def _init_step_index(self, timestep):
         if self.begin_index is not None: self._step_index = self._begin_index
-        else: self._step_index = self.index_for_timestep(torch.as_tensor(timestep).to(self.timesteps.device))
-
-    @property
-    def init_noise_sigma(self):
-        "Std of the starting noise."
-        sigma_max = self.sigmas.max()
-        return sigma_max if self.config.timestep_spacing in ('linspace', 'trailing') else (sigma_max ** 2 + 1) ** 0.5
-
-    def scale_model_input(self, sample, timestep):
-        "x / sqrt(sigma^2 + 1): the model sees x_t with the variance it was trained on."
+        else: self._step_index = self.index_for_timestep(timestep.to(self.timesteps.device) if torch.is_tensor(timestep) else timestep)
+    def _check_ready(self, timestep):
+        if self.num_inference_steps is None: raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
         if self.step_index is None: self._init_step_index(timestep)
+        if self.step_index >= len(self.sigmas) - 1: raise ValueError(f"all {self.num_inference_steps} steps are done: call set_timesteps again")
+    def scale_model_input(self, sample, timestep) -> torch.Tensor:
+        "Divide the VE sample by `sqrt(sigma**2 + 1)`, the scale the model was trained on."
+        self._check_ready(timestep)
         self.is_scale_input_called = True
         return sample / ((self.sigmas[self.step_index] ** 2 + 1) ** 0.5)
-
-    def add_noise(self, original_samples, noise, timesteps): # (B, C, H, W) x_0 and noise, (B,) timesteps
-        "x_0 + sigma_t noise, with one sigma per batch item (from the current step when inside a loop)."
-        x = original_samples
-        sigmas, schedule = self.sigmas.to(device=x.device, dtype=x.dtype), self.timesteps.to(x.device)
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1)
-        if self.begin_index is None: indices = [self.index_for_timestep(t, schedule) for t in timesteps]
-        else: indices = [self.begin_index if self.step_index is None else self.step_index] * timesteps.shape[0]
-        return x + noise * sigmas[indices].flatten().reshape(-1, *[1] * (x.ndim - 1))  # sigma: (B, 1, 1, 1)
+    def _sigmas_for(self, timesteps, like):
+        "The sigmas of `timesteps` (or of the current/begin index when one is set), broadcastable against `like`."
+        sigmas, schedule = self.sigmas.to(device=like.device, dtype=like.dtype), self.timesteps.to(like.device)
+        timesteps = torch.as_tensor(timesteps).reshape(-1).to(like.device)
+        if self.begin_index is None: idx = [self.index_for_timestep(t, schedule) for t in timesteps]
+        else: idx = [self.step_index if self.step_index is not None else self.begin_index] * timesteps.shape[0]
+        return sigmas[idx].flatten().reshape(-1, *[1] * (like.ndim - 1))  # (B, 1, 1, 1)
+    def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
+        "The forward process in VE form: `x = x_0 + sigma_t * noise`, one sigma per batch item."
+        return original_samples + noise * self._sigmas_for(timesteps, original_samples)
 
 # %% ../nbs/17_lms.ipynb #30da0d1b
-def sigma_x0_pred(model_output, sample, sigma, prediction_type='epsilon'):
-    "Predicted x_0 in sigma coordinates (`x = x_0 + sigma eps`) from an `epsilon`, `v_prediction` or `sample` model."
-    if prediction_type == 'epsilon': return sample - sigma * model_output
+def sigma_x0_pred(model_output, sample, # (B, C, H, W) model output and VE sample x = x_0 + sigma * eps
+                  sigma, prediction_type='epsilon',
+                  sigma_hat=None): # the level an epsilon model was evaluated at, if not `sigma` (Euler's churn)
+    "The denoiser `D(x; sigma)`: predicted x_0 in sigma coordinates from an `epsilon`, `v_prediction` or `sample` model."
+    if prediction_type == 'epsilon': return sample - (sigma if sigma_hat is None else sigma_hat) * model_output
     if prediction_type == 'v_prediction': return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
-    if prediction_type == 'sample': return model_output
+    if prediction_type in ('sample', 'original_sample'): return model_output
     raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
 
 # %% ../nbs/17_lms.ipynb #b82748a7
@@ -154,9 +130,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
             raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be True")
         check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.use_karras_sigmas, self.is_scale_input_called = use_karras_sigmas, False
         self.set_timesteps(num_train_timesteps)
 
@@ -183,9 +158,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         if order < 1: raise ValueError(f"order must be at least 1, got {order}")
         if not self.is_scale_input_called:
             warnings.warn("The `scale_model_input` function should be called before `step` to ensure correct denoising.")
-        if self.step_index is None: self._init_step_index(timestep)
+        self._check_ready(timestep)
         i = self.step_index
-        if i >= self.num_inference_steps: raise ValueError(f"all {i} steps are done: call set_timesteps to start a new loop")
         x0_pred = sigma_x0_pred(model_output, sample, self.sigmas[i], self.config.prediction_type)
         self.derivatives.append((sample - x0_pred) / self.sigmas[i])
         if len(self.derivatives) > order: self.derivatives.pop(0)

@@ -6,12 +6,12 @@
 from __future__ import annotations
 import numpy as np
 import torch
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas
+from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS, check_choice,
+                               check_num_inference_steps, spaced_timesteps)
 from .core import register_to_config
-from .unipc import check_num_inference_steps
 
 # %% auto #0
-__all__ = ['TIMESTEP_SPACINGS', 'pndm_transfer', 'pndm_timesteps', 'pndm_step_timesteps', 'plms_combine', 'PNDMScheduler']
+__all__ = ['pndm_transfer', 'pndm_timesteps', 'pndm_step_timesteps', 'plms_combine', 'PNDMScheduler']
 
 # %% ../nbs/12_pndm.ipynb #f942b1f8
 def pndm_transfer(sample, # (B, ...) x_t
@@ -24,15 +24,10 @@ def pndm_transfer(sample, # (B, ...) x_t
     return sample_coeff * sample - (alpha_prod_t_prev - alpha_prod_t) * model_output / denom
 
 # %% ../nbs/12_pndm.ipynb #8326a7ba
-TIMESTEP_SPACINGS = ('linspace', 'leading', 'trailing')
-
 def pndm_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='leading', steps_offset=0):
     "The `n` base timesteps, ascending (int64)."
-    n, T = num_inference_steps, num_train_timesteps
-    if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n).round().astype(np.int64)
-    if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round().astype(np.int64) + steps_offset
-    if timestep_spacing == 'trailing': return np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
-    raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
+    ts = spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset)
+    return ts.round().astype(np.int64)[::-1].copy()
 
 def pndm_step_timesteps(base, num_inference_steps, num_train_timesteps=1000, skip_prk_steps=True):
     "The (PRK, PLMS) timesteps, descending, that the model is called at."
@@ -57,13 +52,10 @@ class PNDMScheduler(SchedulerMixin):
     @register_to_config
     def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
                  skip_prk_steps=False, set_alpha_to_one=False, prediction_type='epsilon', timestep_spacing='leading', steps_offset=0):
-        if prediction_type not in ('epsilon', 'v_prediction'):
-            raise ValueError(f"unknown prediction_type {prediction_type!r}: PNDMScheduler supports 'epsilon' and 'v_prediction'")
-        if timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        check_choice('prediction_type', prediction_type, ('epsilon', 'v_prediction'))
+        check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma, self.pndm_order = 1.0, 4
         self.num_inference_steps = self.timesteps = self.prk_timesteps = self.plms_timesteps = None

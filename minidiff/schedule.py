@@ -4,14 +4,18 @@
 
 # %% ../nbs/02_schedule.ipynb #a8317bea
 from __future__ import annotations
-import math
+import math, numbers
 from dataclasses import dataclass
+import numpy as np
 import torch
 from .core import BaseOutput, ConfigMixin, _REGISTRY
 
 # %% auto #0
-__all__ = ['BETA_SCHEDULES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas', 'rescale_zero_terminal_snr',
-           'SchedulerOutput', 'SchedulerMixin', 'scheduler_loop', 'toy_model_fn']
+__all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas',
+           'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'spaced_timesteps',
+           'threshold_sample', 'train_schedule', 'sigmas_from_alphas_cumprod', 'sigmas_at', 'sigma_to_alpha_sigma_t',
+           'sigma_to_lambda', 'karras_sigmas', 'sigma_to_t', 'SchedulerOutput', 'SchedulerMixin', 'StepIndexMixin',
+           'scheduler_loop', 'toy_model_fn']
 
 # %% ../nbs/02_schedule.ipynb #a61e0c3f
 def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999):
@@ -40,6 +44,90 @@ def rescale_zero_terminal_snr(betas):
     sqrt_ab = (sqrt_ab - last) * (first / (first - last))
     ab = sqrt_ab ** 2
     return 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+
+# %% ../nbs/02_schedule.ipynb #4dc3ddd5
+TIMESTEP_SPACINGS = ('leading', 'linspace', 'trailing')
+PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
+
+def check_choice(name, value, choices):
+    "Raise a `ValueError` naming `name` and `value` when `value` is not one of `choices`."
+    if value not in choices: raise ValueError(f"unknown {name} {value!r}: use one of {tuple(choices)}")
+
+def check_num_inference_steps(n, # the requested number of sampling steps
+                              num_train_timesteps): # T, the most steps there can be
+    "Raise a `TypeError` unless `n` is an int, a `ValueError` unless `1 <= n <= num_train_timesteps`."
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral): raise TypeError(f"num_inference_steps must be an int, got {n!r}")
+    if not 1 <= n <= num_train_timesteps:
+        raise ValueError(f"num_inference_steps={n} must be between 1 and num_train_timesteps={num_train_timesteps}")
+
+# %% ../nbs/02_schedule.ipynb #309c72e4
+def spaced_timesteps(num_train_timesteps, # T, the number of training timesteps
+                     num_inference_steps, # n, how many of them to visit
+                     timestep_spacing='leading', steps_offset=0) -> np.ndarray:
+    "Descending float64 timesteps, as diffusers computes them (`linspace` ones not rounded)."
+    T, n = num_train_timesteps, num_inference_steps
+    check_num_inference_steps(n, T)
+    check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
+    if timestep_spacing == 'linspace': return np.linspace(0, T - 1, n)[::-1].copy()
+    if timestep_spacing == 'leading': return (np.arange(0, n) * (T // n)).round()[::-1] + steps_offset
+    return np.round(np.arange(T, 0, -T / n)) - 1
+
+# %% ../nbs/02_schedule.ipynb #71797b77
+def threshold_sample(x0, # (B, ...) predicted clean sample
+                     ratio:float=0.995, max_value:float=1.0) -> torch.Tensor:
+    "Imagen's dynamic thresholding: clip each sample to its `ratio` quantile `s` of `|x0|` (1 <= s <= `max_value`), divide by `s`."
+    dtype, flat = x0.dtype, x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64): flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
+    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
+
+# %% ../nbs/02_schedule.ipynb #b0c8471e
+def train_schedule(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                   trained_betas=None, rescale_betas_zero_snr=False,
+                   terminal_alpha_bar=2**-24) -> tuple: # what a zero final alpha_bar becomes; None keeps 0 (DDIM)
+    "The float32 `(betas, alphas_cumprod)` of a scheduler config."
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+    if rescale_betas_zero_snr: betas = rescale_zero_terminal_snr(betas)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if rescale_betas_zero_snr and terminal_alpha_bar is not None: alphas_cumprod[-1] = terminal_alpha_bar
+    return betas, alphas_cumprod
+
+def sigmas_from_alphas_cumprod(alphas_cumprod): # (T,) float32 alpha_bar
+    "The EDM noise levels `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`, (T,) float32."
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+def sigmas_at(alphas_cumprod, # (T,) float32 alpha_bar
+              timesteps) -> np.ndarray: # (n,) possibly fractional timesteps
+    "`sigma_t` linearly interpolated at `timesteps` (float64)."
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod).numpy()
+    return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+
+# %% ../nbs/02_schedule.ipynb #5ecac5de
+def sigma_to_alpha_sigma_t(sigma): # EDM sigma = sigma_t / alpha_t (tensor)
+    "The VP coefficients `(alpha_t, sigma_t)` of an EDM-style `sigma`."
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha_t, sigma * alpha_t
+
+def sigma_to_lambda(sigma): # EDM sigma (tensor)
+    "The half log-SNR `lambda = log(alpha_t) - log(sigma_t)`; `inf` at `sigma = 0`."
+    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+    return torch.log(alpha_t) - torch.log(sigma_t)
+
+# %% ../nbs/02_schedule.ipynb #00e36acb
+def karras_sigmas(sigma_min, sigma_max, n, rho=7.0) -> np.ndarray:
+    "Karras et al. (2022) eq. 5: `n` sigmas from `sigma_max` to `sigma_min`, evenly spaced in sigma^(1/rho) (float64)."
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+def sigma_to_t(sigma, # (n,) noise levels
+               log_sigmas): # (T,) log of the training sigmas, low to high
+    "The fractional training timesteps of `sigma`, interpolating linearly in log sigma."
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]  # (T, n)
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 # %% ../nbs/02_schedule.ipynb #eaee1b3a
 @dataclass
@@ -71,6 +159,17 @@ class SchedulerMixin(ConfigMixin):
         "The scheduler classes that can replace this one (`Other.from_config(self.config)`)."
         names = list(dict.fromkeys([*self._compatibles, type(self).__name__]))
         return [_REGISTRY[n] for n in names if n in _REGISTRY]
+
+# %% ../nbs/02_schedule.ipynb #f89e7b82
+class StepIndexMixin:
+    "The position of a multistep or sigma scheduler in its loop: `step_index`, and `begin_index` for img2img."
+    @property
+    def step_index(self): return self._step_index
+    @property
+    def begin_index(self): return self._begin_index
+    def set_begin_index(self, begin_index:int=0):
+        "Start the next loop at position `begin_index` of `timesteps` (img2img pipelines call this)."
+        self._begin_index = begin_index
 
 # %% ../nbs/02_schedule.ipynb #83fb559d
 def scheduler_loop(scheduler, num_inference_steps, sample, # (B, C, H, W) starting noise, unscaled

@@ -7,66 +7,32 @@ from __future__ import annotations
 import math
 import numpy as np
 import torch
-from .schedule import SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr
+from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
+                               check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
+                               sigma_to_alpha_sigma_t, sigma_to_lambda, karras_sigmas, sigma_to_t, StepIndexMixin)
 from .core import register_to_config
 
 # %% auto #0
-__all__ = ['TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'sigma_to_alpha_sigma_t', 'sigma_to_lambda', 'unipc_timesteps',
-           'karras_sigmas', 'sigma_to_t', 'threshold_sample', 'convert_model_output', 'unipc_system', 'uni_bh_update',
-           'check_num_inference_steps', 'unipc_schedule', 'index_for_timestep', 'UniPCMultistepScheduler']
-
-# %% ../nbs/11_unipc.ipynb #872722f4
-def sigma_to_alpha_sigma_t(sigma): # EDM sigma = sigma_t / alpha_t (tensor)
-    "The VP coefficients `(alpha_t, sigma_t)` of an EDM-style `sigma`."
-    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-    return alpha_t, sigma * alpha_t
-
-def sigma_to_lambda(sigma): # EDM sigma (tensor)
-    "The half log-SNR `lambda = log(alpha_t) - log(sigma_t)`; `inf` at `sigma = 0`."
-    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-    return torch.log(alpha_t) - torch.log(sigma_t)
+__all__ = ['unipc_timesteps', 'convert_model_output', 'unipc_system', 'uni_bh_update', 'unipc_schedule', 'index_for_timestep',
+           'UniPCMultistepScheduler']
 
 # %% ../nbs/11_unipc.ipynb #21a200be
-TIMESTEP_SPACINGS = ('linspace', 'leading', 'trailing')
-
-def unipc_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='linspace', steps_offset=0):
-    "The descending int64 timesteps UniPC samples at."
+def unipc_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='linspace', steps_offset=0,
+                    last_timestep=None): # sample below this timestep (default `num_train_timesteps`)
+    "The descending int64 timesteps UniPC (and DPM-Solver) samples at."
     n, T = num_inference_steps, num_train_timesteps
-    if timestep_spacing == 'linspace': ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
-    elif timestep_spacing == 'leading': ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + steps_offset
-    elif timestep_spacing == 'trailing': ts = np.arange(T, 0, -T / n).round() - 1
+    last = T if last_timestep is None else last_timestep
+    if timestep_spacing == 'linspace': ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+    elif timestep_spacing == 'leading': ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + steps_offset
+    elif timestep_spacing == 'trailing': ts = np.arange(last, 0, -T / n).round() - 1
     else: raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
     return ts.copy().astype(np.int64)
 
-# %% ../nbs/11_unipc.ipynb #2eaa97c8
-def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
-    "Karras et al. (2022) eq. 5: `n` sigmas from `sigma_max` down to `sigma_min` (float64)."
-    ramp = np.linspace(0, 1, n)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-def sigma_to_t(sigma, log_sigmas): # (n,) sigmas; (T,) log of the training sigmas, ascending
-    "Fractional timesteps whose (log-linearly interpolated) training sigma is `sigma`."
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, None]                                    # (T, n)
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-    return (1 - w) * low + w * (low + 1)
-
 # %% ../nbs/11_unipc.ipynb #da133c64
-PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
-
-def threshold_sample(x0, ratio=0.995, max_value=1.0): # (B, C, ...) predicted x0
-    "Dynamic thresholding: clamp each sample to its `ratio` quantile of `|x0|`, clipped to `[1, max_value]`, and rescale."
-    b, c, *rest = x0.shape
-    flat = x0.float().reshape(b, -1) if x0.dtype not in (torch.float32, torch.float64) else x0.reshape(b, -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]   # (B, 1)
-    return (torch.clamp(flat, -s, s) / s).reshape(b, c, *rest).to(x0.dtype)
-
 def convert_model_output(model_output, sample, sigma, prediction_type='epsilon', predict_x0=True):
     "The model output as `x0` (`predict_x0`) or as `eps`, at EDM sigma `sigma`."
     alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
+    check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
     if predict_x0:
         if prediction_type == 'epsilon': return (sample - sigma_t * model_output) / alpha_t
         return model_output if prediction_type == 'sample' else alpha_t * sample - sigma_t * model_output
@@ -122,25 +88,17 @@ _UNSUPPORTED = dict(use_exponential_sigmas=False, use_beta_sigmas=False, use_flo
 def _check_unipc_config(cfg):
     for k, default in _UNSUPPORTED.items():
         if cfg[k] != default: raise ValueError(f"{k}={cfg[k]!r} is not supported by minidiff's UniPCMultistepScheduler")
-    if cfg['prediction_type'] not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {cfg['prediction_type']!r}: use one of {PREDICTION_TYPES}")
-    if cfg['timestep_spacing'] not in TIMESTEP_SPACINGS:
-        raise ValueError(f"unknown timestep_spacing {cfg['timestep_spacing']!r}: use one of {TIMESTEP_SPACINGS}")
-    if cfg['final_sigmas_type'] not in ('zero', 'sigma_min'):
-        raise ValueError(f"unknown final_sigmas_type {cfg['final_sigmas_type']!r}: use 'zero' or 'sigma_min'")
+    check_choice('prediction_type', cfg['prediction_type'], PREDICTION_TYPES)
+    check_choice('timestep_spacing', cfg['timestep_spacing'], TIMESTEP_SPACINGS)
+    check_choice('final_sigmas_type', cfg['final_sigmas_type'], ('zero', 'sigma_min'))
     if not isinstance(cfg['solver_order'], int) or cfg['solver_order'] < 1:
         raise ValueError(f"solver_order must be a positive int, got {cfg['solver_order']!r}")
-
-def check_num_inference_steps(n, num_train_timesteps):
-    "Raise a `ValueError` unless `1 <= n <= num_train_timesteps`."
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 1 <= n <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be an int between 1 and num_train_timesteps={num_train_timesteps}, got {n!r}")
 
 def unipc_schedule(alphas_cumprod, # (T,) float32 alpha_bar of the training schedule
                    num_inference_steps, cfg): # cfg: the scheduler config
     "The int64 timesteps and the float32 sigmas (one more: the final sigma) UniPC samples at."
     check_num_inference_steps(num_inference_steps, cfg['num_train_timesteps'])
-    full = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    full = sigmas_from_alphas_cumprod(alphas_cumprod)
     if cfg['use_karras_sigmas']:
         smin = cfg['sigma_min'] if cfg['sigma_min'] is not None else full[0].item()
         smax = cfg['sigma_max'] if cfg['sigma_max'] is not None else full[-1].item()
@@ -160,7 +118,7 @@ def index_for_timestep(timestep, schedule_timesteps):
     return idx[1 if len(idx) > 1 else 0].item()
 
 # %% ../nbs/11_unipc.ipynb #d9c9cd53
-class UniPCMultistepScheduler(SchedulerMixin):
+class UniPCMultistepScheduler(StepIndexMixin, SchedulerMixin):
     "UniPC (Zhao et al. 2023): multistep UniP predictor and UniC corrector, as diffusers' `UniPCMultistepScheduler`."
     order = 1
     @register_to_config
@@ -174,14 +132,12 @@ class UniPCMultistepScheduler(SchedulerMixin):
         if solver_type in ('midpoint', 'heun', 'logrho'): self.register_to_config(solver_type='bh2')  # DPM-Solver's names
         elif solver_type not in ('bh1', 'bh2'): raise ValueError(f"unknown solver_type {solver_type!r}: use 'bh1' or 'bh2'")
         _check_unipc_config(self.config)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        if rescale_betas_zero_snr: self.betas = rescale_zero_terminal_snr(self.betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                         trained_betas, rescale_betas_zero_snr)  # zero SNR: lambda kept finite
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr: self.alphas_cumprod[-1] = 2**-24    # keep lambda finite at t = T
         self.alpha_t, self.sigma_t = torch.sqrt(self.alphas_cumprod), torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.init_noise_sigma, self.predict_x0, self.disable_corrector = 1.0, predict_x0, disable_corrector
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
         self.num_inference_steps, self.model_outputs, self.lower_order_nums, self.last_sample = None, [None] * solver_order, 0, None
@@ -217,11 +173,6 @@ class UniPCMultistepScheduler(SchedulerMixin):
     def _init_step_index(self, timestep):
         if self._begin_index is not None: self._step_index = self._begin_index
         else: self._step_index = index_for_timestep(torch.as_tensor(timestep).to(self.timesteps.device), self.timesteps)
-    @property
-    def step_index(self): return self._step_index
-    @property
-    def begin_index(self): return self._begin_index
-    def set_begin_index(self, begin_index=0): self._begin_index = begin_index
     def scale_model_input(self, sample, *args, **kwargs): return sample
     def __len__(self): return self.config.num_train_timesteps
     def add_noise(self, original_samples, noise, timesteps): # (B, ...) clean samples, (B, ...) noise, (B,) timesteps

@@ -2,8 +2,8 @@
 import functools
 import pytest, torch
 import diffusers
-from minidiff.ddim import DDIMScheduler, spaced_timesteps
-from minidiff.schedule import scheduler_loop, toy_model_fn
+from minidiff.ddim import DDIMScheduler
+from minidiff.schedule import scheduler_loop, spaced_timesteps, toy_model_fn
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 

@@ -126,7 +126,7 @@ def test_step_past_the_end():
 def test_unknown_timestep():
     s = LMSDiscreteScheduler()
     s.set_timesteps(4)
-    with pytest.raises(ValueError, match="timestep 500.5 is not in this scheduler's timesteps"):
+    with pytest.raises(ValueError, match="timestep 500.5 is not one of this scheduler's timesteps"):
         s.scale_model_input(torch.ones(1), 500.5)
 
 
