@@ -112,7 +112,7 @@ class ConfigMixin:
     ignore_for_config = []      # `__init__` arguments that are not config
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
+        if cls.__module__.startswith('minidiff.'): _REGISTRY[cls.__name__] = cls   # the library's classes only
     def register_to_config(self, **kwargs):
         object.__setattr__(self, '_internal_dict', FrozenDict({**getattr(self, '_internal_dict', {}), **kwargs}))
     @property

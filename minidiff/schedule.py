@@ -157,8 +157,8 @@ class SchedulerMixin(ConfigMixin):
     @property
     def compatibles(self) -> list:
         "The scheduler classes that can replace this one (`Other.from_config(self.config)`)."
-        names = list(dict.fromkeys([*self._compatibles, type(self).__name__]))
-        return [_REGISTRY[n] for n in names if n in _REGISTRY]
+        classes = [_REGISTRY[n] for n in self._compatibles if n in _REGISTRY]
+        return classes if type(self) in classes else classes + [type(self)]
 
 # %% ../nbs/02_schedule.ipynb #f89e7b82
 class StepIndexMixin:
