@@ -7,9 +7,7 @@ import diffusers
 from minidiff.dpm_solver import DPMSolverMultistepScheduler
 from minidiff.schedule import toy_model_fn
 
-CONFIGS = Path(__file__).parents[1] / 'nbs/configs'  # the real Hub files, vendored
-SD = json.load(open(f'{CONFIGS}/runwayml_stable-diffusion-v1-5/scheduler/scheduler_config.json'))
-CAT = json.load(open(f'{CONFIGS}/google_ddpm-cat-256/scheduler_config.json'))
+from refconfigs import SD, CAT
 STEPS = [1, 2, 3, 5, 10, 25, 50]
 
 def rel(a, b): return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()

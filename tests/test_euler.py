@@ -6,9 +6,7 @@ import diffusers
 from minidiff.euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
-CONFIGS = Path(__file__).parents[1] / 'nbs/configs'  # the real Hub files, vendored
-SD = json.load(open(f'{CONFIGS}/runwayml_stable-diffusion-v1-5/scheduler/scheduler_config.json'))
-CAT = json.load(open(f'{CONFIGS}/google_ddpm-cat-256/scheduler_config.json'))
+from refconfigs import SD, CAT
 PAIRS = [(EulerDiscreteScheduler, diffusers.EulerDiscreteScheduler),
          (EulerAncestralDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler)]
 STEPS = [1, 2, 3, 5, 10, 25, 50]

@@ -6,12 +6,7 @@ import diffusers.schedulers.scheduling_lms_discrete as lms_ref
 from minidiff.lms import LMSDiscreteScheduler, beta_ppf, gauss_legendre, lms_coefficient
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
-SD = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-      "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-      "steps_offset": 1, "trained_betas": None, "clip_sample": False}
-CAT = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.0", "beta_end": 0.02, "beta_schedule": "linear",
-       "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
-       "variance_type": "fixed_small"}
+from refconfigs import SD, CAT
 
 
 Ref = lms_ref.LMSDiscreteScheduler

@@ -6,12 +6,7 @@ from minidiff.unipc import UniPCMultistepScheduler
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
 import diffusers
-SD = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-      "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-      "steps_offset": 1, "trained_betas": None, "clip_sample": False}       # SD v1.5 scheduler/scheduler_config.json
-CAT = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.0", "beta_end": 0.02, "beta_schedule": "linear",
-       "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
-       "variance_type": "fixed_small"}                                      # google/ddpm-cat-256 scheduler_config.json
+from refconfigs import SD, CAT
 STEPS = [1, 2, 3, 5, 10, 25, 50, 100]
 OPTIONS = [{}, dict(solver_type='bh1', final_sigmas_type='sigma_min'), dict(solver_order=3), dict(solver_order=1),
            dict(disable_corrector=[0, 2]), dict(timestep_spacing='leading'), dict(timestep_spacing='trailing'),
