@@ -15,7 +15,7 @@ def table(rows, res):
     lines = ["| measure | diffusers | minidiff | minidiff / diffusers |", "|---|---|---|---|"]
     for k, name in rows:
         d, m = res["diffusers"][k], res["minidiff"][k]
-        lines.append(f"| {name} | {d:.3f} | {m:.3f} | {m / d:.2f} |")
+        lines.append(f"| {name} | {d:.3f} | {m:.3f} | {m / d:.2f} |" if d else f"| {name} | {d:.3f} | {m:.3f} | n/a |")
     return "\n".join(lines)
 
 PEAK = "import resource; peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
