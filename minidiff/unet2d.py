@@ -12,8 +12,9 @@ from .loading import ModelMixin
 from .unet_blocks import Timesteps, TimestepEmbedding, ResnetBlock2D, Attention, Downsample2D, Upsample2D, get_activation
 
 # %% auto #0
-__all__ = ['DOWN_BLOCKS', 'UP_BLOCKS', 'resnet_block', 'attention_block', 'DownBlock2D', 'AttnDownBlock2D', 'UNetMidBlock2D',
-           'UpBlock2D', 'AttnUpBlock2D', 'UNet2DOutput', 'check_supported', 'batch_timesteps', 'UNet2DModel']
+__all__ = ['DOWN_BLOCKS', 'UP_BLOCKS', 'resnet_block', 'attention_block', 'up_resnets', 'DownBlock2D', 'AttnDownBlock2D',
+           'UNetMidBlock2D', 'UpBlock2D', 'AttnUpBlock2D', 'UNet2DOutput', 'check_supported', 'batch_timesteps',
+           'UNet2DModel']
 
 # %% ../nbs/05_unet2d.ipynb #380cdab3
 def resnet_block(in_channels, out_channels, temb_channels, resnet_eps, resnet_groups, dropout,
@@ -29,6 +30,12 @@ def attention_block(channels, attention_head_dim, resnet_eps, groups, output_sca
     return Attention(channels, heads=channels // head_dim, dim_head=head_dim, bias=True, norm_num_groups=groups,
                      eps=resnet_eps, residual_connection=True, rescale_output_factor=output_scale_factor,
                      upcast_softmax=True)
+
+def up_resnets(in_channels, prev_output_channel, out_channels, num_layers, *res) -> nn.ModuleList:
+    "An up block's ResNet blocks: each takes the previous output concatenated with one skip state (`res`: as `resnet_block`)."
+    return nn.ModuleList([resnet_block((prev_output_channel if i == 0 else out_channels)
+                                       + (in_channels if i == num_layers - 1 else out_channels), out_channels, *res)
+                          for i in range(num_layers)])
 
 # %% ../nbs/05_unet2d.ipynb #8f36527a
 class DownBlock2D(nn.Module):
@@ -111,9 +118,7 @@ class UpBlock2D(nn.Module):
                  resnet_act_fn:str='swish', resnet_groups:int=32, output_scale_factor:float=1.0, add_upsample:bool=True):
         super().__init__()
         res = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn, output_scale_factor)
-        self.resnets = nn.ModuleList([resnet_block((prev_output_channel if i == 0 else out_channels)
-                                                   + (in_channels if i == num_layers - 1 else out_channels), out_channels, *res)
-                                      for i in range(num_layers)])
+        self.resnets = up_resnets(in_channels, prev_output_channel, out_channels, num_layers, *res)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
 
     def forward(self, hidden_states, # (B, C_prev, H, W)
@@ -136,9 +141,7 @@ class AttnUpBlock2D(nn.Module):
                  output_scale_factor:float=1.0, add_upsample:bool=True):
         super().__init__()
         res = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn, output_scale_factor)
-        self.resnets = nn.ModuleList([resnet_block((prev_output_channel if i == 0 else out_channels)
-                                                   + (in_channels if i == num_layers - 1 else out_channels), out_channels, *res)
-                                      for i in range(num_layers)])
+        self.resnets = up_resnets(in_channels, prev_output_channel, out_channels, num_layers, *res)
         self.attentions = nn.ModuleList([attention_block(out_channels, attention_head_dim, resnet_eps, resnet_groups,
                                                          output_scale_factor) for _ in range(num_layers)])
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None

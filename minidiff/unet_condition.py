@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .core import BaseOutput, register_to_config
 from .loading import ModelMixin
 from .unet_blocks import Timesteps, TimestepEmbedding, Attention, Downsample2D, Upsample2D, get_activation
-from .unet2d import DownBlock2D, UpBlock2D, resnet_block, check_supported, batch_timesteps
+from .unet2d import DownBlock2D, UpBlock2D, resnet_block, up_resnets, check_supported, batch_timesteps
 
 # %% auto #0
 __all__ = ['DOWN_BLOCKS', 'UP_BLOCKS', 'CROSS_BLOCKS', 'SUPPORTED', 'MUST_BE_NONE', 'GEGLU', 'FeedForward',
@@ -167,9 +167,7 @@ class CrossAttnUpBlock2D(nn.Module):
         self.attentions = nn.ModuleList([transformer_block(
             out_channels, num_attention_heads, cross_attention_dim, transformer_layers_per_block, resnet_groups, dropout,
             use_linear_projection, upcast_attention) for _ in range(num_layers)])
-        self.resnets = nn.ModuleList([resnet_block((prev_output_channel if i == 0 else out_channels)
-                                                   + (in_channels if i == num_layers - 1 else out_channels), out_channels, *res)
-                                      for i in range(num_layers)])
+        self.resnets = up_resnets(in_channels, prev_output_channel, out_channels, num_layers, *res)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
 
     def forward(self, hidden_states, # (B, C_prev, H, W)
