@@ -18,4 +18,13 @@ def table(rows, res):
         lines.append(f"| {name} | {d:.3f} | {m:.3f} | {m / d:.2f} |" if d else f"| {name} | {d:.3f} | {m:.3f} | n/a |")
     return "\n".join(lines)
 
-PEAK = "import resource; peak_mb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
+# Memory from /proc/self/status: VmHWM is this program's own peak. (ru_maxrss is not: after fork + exec it starts
+# from the parent's resident size, so a parent holding a big model would set every child's "peak".)
+PEAK = '''
+import re
+def _mb(field): return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+def peak_mb(): return _mb("VmHWM")
+def reset_peak():
+    "Set the peak back to the current resident size and return that (MB), to measure one call's extra memory."
+    open("/proc/self/clear_refs", "w").write("5"); return _mb("VmRSS")
+'''
