@@ -29,10 +29,10 @@ else:
 times = []
 with torch.no_grad():
     run()                                        # warm-up: touches every weight page once
-    load_peak, base = peak_mb(), reset_peak()
+    peak_so_far, base = peak_mb(), reset_peak()  # loading and the warm-up; then the peak restarts from here
     for _ in range(repeats):
         t0 = time.perf_counter(); out = run(); times.append(time.perf_counter() - t0)
-print(json.dumps(dict(time_s=statistics.median(times), peak_mb=max(load_peak, peak_mb()), extra_mb=peak_mb() - base,
+print(json.dumps(dict(time_s=statistics.median(times), peak_mb=max(peak_so_far, peak_mb()), extra_mb=peak_mb() - base,
                       checksum=float(out.abs().sum()))))
 '''
 
