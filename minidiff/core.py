@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d74cb90e
 from __future__ import annotations
-import functools, inspect, json, logging, os, re
+import functools, importlib.util, inspect, json, logging, os, re
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['DIFFUSERS_VERSION', 'BaseOutput', 'FrozenDict', 'register_to_config', 'CheckpointNotFoundError', 'resolve_file',
-           'ConfigMixin', 'randn_tensor', 'pt_to_numpy', 'numpy_to_pil', 'image_grid', 'show_images']
+__all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_to_config',
+           'CheckpointNotFoundError', 'resolve_file', 'ConfigMixin', 'randn_tensor', 'pt_to_numpy', 'numpy_to_pil',
+           'image_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #85f994b2
 class BaseOutput(OrderedDict):
@@ -210,3 +211,8 @@ def show_images(images, # PIL images, a (B, H, W, C) array in [0, 1], or a (B, C
         if titles is not None and i < len(titles): ax.set_title(titles[i], fontsize=8)
     plt.tight_layout()
     return fig
+
+# %% ../nbs/00_core.ipynb #4afe3545
+ASSETS = Path(importlib.util.find_spec('minidiff').origin).parent/'assets'  # minidiff's package data
+MICRO_SD = ASSETS/'micro-sd'      # micro Stable Diffusion, SD v1.x folder layout, 64x64 images
+MICRO_DDPM = ASSETS/'micro-ddpm'  # micro DDPM, google/ddpm-cifar10-32 layout, 32x32 images
