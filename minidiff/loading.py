@@ -12,7 +12,7 @@ from .core import ConfigMixin, resolve_file, CheckpointNotFoundError
 
 # %% auto #0
 __all__ = ['LEGACY_ATTENTION_NAMES', 'CheckpointError', 'read_safetensors_header', 'load_weights_file', 'weights_candidates',
-           'find_weights', 'fix_legacy_keys', 'check_state_dict', 'ModelMixin']
+           'find_weights', 'fix_legacy_keys', 'to_legacy_keys', 'check_state_dict', 'ModelMixin']
 
 # %% ../nbs/01_loading.ipynb #0f102d1f
 class CheckpointError(ValueError):
@@ -70,6 +70,15 @@ def fix_legacy_keys(state_dict, # name -> tensor, as stored in the file
         if k not in expected and any(re.search(p, k) for p in ignore): continue
         out[k] = v
     return out
+
+# %% ../nbs/01_loading.ipynb #17dd976a
+_current_key = re.compile(r'^(.*)\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$')
+
+def to_legacy_keys(state_dict): # name -> tensor with current attention names
+    "The inverse of `fix_legacy_keys`' rename: `to_q/to_k/to_v/to_out.0` back to `query/key/value/proj_attn`."
+    old = {new: legacy for legacy, new in LEGACY_ATTENTION_NAMES.items()}
+    def rename(k): return f"{m[1]}.{old[m[2]]}.{m[3]}" if (m := _current_key.match(k)) else k
+    return {rename(k): v for k, v in state_dict.items()}
 
 # %% ../nbs/01_loading.ipynb #2fab3ac6
 def check_state_dict(state_dict, expected_shapes, source='the checkpoint'):
