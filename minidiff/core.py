@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_to_config',
+__all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_to_config', 'patch',
            'CheckpointNotFoundError', 'resolve_file', 'ConfigMixin', 'randn_tensor', 'pt_to_numpy', 'numpy_to_pil',
            'image_grid', 'show_images']
 
@@ -57,6 +57,16 @@ def register_to_config(init):
         self.register_to_config(**private, **values, **({'_use_default_values': defaults} if defaults else {}))
         init(self, *args, **kwargs)
     return inner
+
+# %% ../nbs/00_core.ipynb #a2806dd8
+def patch(f=None, *, cls_method=False, as_prop=False):
+    "Add `f` to the class its first parameter is annotated with (`def step(self: DDPMScheduler)`), as fastcore's `@patch`."
+    if f is None: return functools.partial(patch, cls_method=cls_method, as_prop=as_prop)
+    cls = f.__annotations__[next(iter(inspect.signature(f).parameters))]
+    if isinstance(cls, str): cls = eval(cls, f.__globals__)  # `from __future__ import annotations` keeps names as text
+    f.__qualname__ = f'{cls.__name__}.{f.__name__}'
+    setattr(cls, f.__name__, classmethod(f) if cls_method else property(f) if as_prop else f)
+    return f
 
 # %% ../nbs/00_core.ipynb #cb42370e
 class CheckpointNotFoundError(OSError):
