@@ -6,21 +6,17 @@
 from __future__ import annotations
 import json
 from dataclasses import dataclass
-from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
 from .core import BaseOutput, register_to_config
 from .loading import ModelMixin
+from .layers import get_activation
+from .tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID
 
 # %% auto #0
-__all__ = ['BOS_TOKEN_ID', 'EOS_TOKEN_ID', 'ACTIVATIONS', 'CLIPTextEmbeddings', 'causal_mask', 'CLIPAttention', 'quick_gelu',
-           'CLIPMLP', 'CLIPEncoderLayer', 'CLIPEncoder', 'BaseModelOutputWithPooling', 'eos_positions',
-           'check_text_inputs', 'CLIPTextTransformer', 'CLIPTextModel']
-
-# %% ../nbs/08_text_encoder.ipynb #7c78fd01
-BOS_TOKEN_ID = 49406   # <|startoftext|>
-EOS_TOKEN_ID = 49407   # <|endoftext|>, also SD's padding token
+__all__ = ['CLIPTextEmbeddings', 'causal_mask', 'CLIPAttention', 'CLIPMLP', 'CLIPEncoderLayer', 'CLIPEncoder',
+           'BaseModelOutputWithPooling', 'eos_positions', 'check_text_inputs', 'CLIPTextTransformer', 'CLIPTextModel']
 
 # %% ../nbs/08_text_encoder.ipynb #e826bb56
 class CLIPTextEmbeddings(nn.Module):
@@ -65,17 +61,11 @@ class CLIPAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D))                       # (B, L, D)
 
 # %% ../nbs/08_text_encoder.ipynb #99675185
-def quick_gelu(x): return x * torch.sigmoid(1.702 * x)
-
-ACTIVATIONS = {'quick_gelu': quick_gelu, 'gelu': F.gelu}
-
 class CLIPMLP(nn.Module):
     "Position-wise MLP: `fc1`, activation, `fc2`."
     def __init__(self, hidden_size, intermediate_size, hidden_act='quick_gelu'):
         super().__init__()
-        if hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {hidden_act!r} is not supported: use one of {list(ACTIVATIONS)}")
-        self.activation_fn = ACTIVATIONS[hidden_act]
+        self.activation_fn = get_activation(hidden_act, key='hidden_act')
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
     def forward(self, x):                                    # (B, L, D)
@@ -178,8 +168,8 @@ class CLIPTextModel(ModelMixin):
                  hidden_act='quick_gelu', # 'quick_gelu' (OpenAI CLIP) or 'gelu'
                  layer_norm_eps=1e-5, attention_dropout=0.0,
                  initializer_range=0.02, initializer_factor=1.0, # initialisation only; kept for the config
-                 pad_token_id=1, bos_token_id=49406, # kept for the config
-                 eos_token_id=49407): # picks the pooled position; the legacy value 2 means argmax(input_ids)
+                 pad_token_id=1, bos_token_id=BOS_TOKEN_ID, # kept for the config
+                 eos_token_id=EOS_TOKEN_ID): # picks the pooled position; the legacy value 2 means argmax(input_ids)
         super().__init__()
         self.text_model = CLIPTextTransformer(vocab_size, hidden_size, intermediate_size, num_hidden_layers,
                                               num_attention_heads, max_position_embeddings, hidden_act,

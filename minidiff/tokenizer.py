@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import regex
 import torch
-from .core import BaseOutput, resolve_file
+from .core import BaseOutput, resolve_file, patch
 
 # %% auto #0
 __all__ = ['BPE_FILE_NAME', 'BOS_TOKEN', 'EOS_TOKEN', 'BOS_TOKEN_ID', 'EOS_TOKEN_ID', 'END_OF_WORD', 'NUM_OPENAI_MERGES',
@@ -136,6 +136,7 @@ class CLIPTokenizer:
 # %% ../nbs/07_tokenizer.ipynb #fe30c04b
 MAX_CACHED_WORDS = 100_000  # the cache is emptied when it reaches this size, so it cannot grow without bound
 
+@patch
 def _word_ids(self: CLIPTokenizer, word: str) -> list[int]:
     "Ids of one pre-tokenised word, cached."
     ids = self.cache.get(word)
@@ -149,6 +150,7 @@ def _split_special(pattern, text):
     "(stretch, is_special) pairs of `text` split around the special tokens `pattern` matches."
     return [(p, i % 2 == 1) for i, p in enumerate(pattern.split(text) if pattern else [text]) if p]
 
+@patch
 def _text_ids(self: CLIPTokenizer, text) -> list[int]:
     "Ids of a text without BOS/EOS: special tokens, then clean, pre-tokenise and BPE each stretch."
     if not isinstance(text, str): raise TypeError(f"a prompt must be a str, got {type(text).__name__}: {text!r}")
@@ -160,25 +162,23 @@ def _text_ids(self: CLIPTokenizer, text) -> list[int]:
             for word in pretokenize(part): ids.extend(self._word_ids(word))
     return ids
 
-CLIPTokenizer._word_ids, CLIPTokenizer._text_ids = _word_ids, _text_ids
-
 # %% ../nbs/07_tokenizer.ipynb #0a66e314
-def _tokenize(self: CLIPTokenizer, text: str) -> list[str]:
+@patch
+def tokenize(self: CLIPTokenizer, text: str) -> list[str]:
     "Token strings of `text` (no BOS/EOS)."
     return [self.decoder[i] for i in self._text_ids(text)]
 
-def _convert_tokens_to_ids(self: CLIPTokenizer, tokens):
+@patch
+def convert_tokens_to_ids(self: CLIPTokenizer, tokens):
     "Id of a token (or list of ids of tokens); unknown tokens give the unk id."
     if isinstance(tokens, str): return self.encoder.get(tokens, self.encoder[self.unk_token])
     return [self.convert_tokens_to_ids(t) for t in tokens]
 
-def _convert_ids_to_tokens(self: CLIPTokenizer, ids):
+@patch
+def convert_ids_to_tokens(self: CLIPTokenizer, ids):
     "Token string of an id (or list of ids)."
     if isinstance(ids, int): return self.decoder[self._check_ids([ids])[0]]
     return [self.decoder[i] for i in self._check_ids(ids)]
-
-CLIPTokenizer.tokenize, CLIPTokenizer.convert_tokens_to_ids = _tokenize, _convert_tokens_to_ids
-CLIPTokenizer.convert_ids_to_tokens = _convert_ids_to_tokens
 
 # %% ../nbs/07_tokenizer.ipynb #04e218a2
 def read_merges(path) -> list[tuple[str, str]]:
@@ -186,8 +186,8 @@ def read_merges(path) -> list[tuple[str, str]]:
     lines = Path(path).read_text(encoding="utf-8").split("\n")
     return [tuple(l.split()) for l in lines if l.strip() and not l.startswith("#version")]
 
-@classmethod
-def _from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, *, revision=None, cache_dir=None,
+@patch(cls_method=True)
+def from_pretrained(cls: CLIPTokenizer, pretrained_model_name_or_path, subfolder=None, *, revision=None, cache_dir=None,
                     local_files_only=None, torch_dtype=None, variant=None, **kwargs):  # dtype/variant: no weights, ignored
     "Load `vocab.json`, `merges.txt` and the token settings from a folder or Hub repo (SD: `subfolder='tokenizer'`)."
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -200,17 +200,16 @@ def _from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, *, revi
     tokens = {k: settings.get(k, _content(v)) for k, v in SD_SPECIAL_TOKENS.items()}  # absent: plain text, like transformers
     return cls(vocab, merges, **{"model_max_length": settings.get("model_max_length", MODEL_MAX_LENGTH), **tokens, **kwargs})
 
-@classmethod
-def _from_bpe_file(cls, path=None, **kwargs):
+@patch(cls_method=True)
+def from_bpe_file(cls: CLIPTokenizer, path=None, **kwargs):
     "Build the tokenizer from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (found in installed packages when `path` is None)."
     lines = gzip.open(path or find_bpe_file()).read().decode("utf-8").split("\n")
     merges = [tuple(l.split()) for l in lines[1:NUM_OPENAI_MERGES + 1]]
     return cls(vocab_from_merges(merges), merges, **kwargs)
 
-CLIPTokenizer.from_pretrained, CLIPTokenizer.from_bpe_file = _from_pretrained, _from_bpe_file
-
 # %% ../nbs/07_tokenizer.ipynb #49167976
-def _save_pretrained(self: CLIPTokenizer, save_directory) -> Path:
+@patch
+def save_pretrained(self: CLIPTokenizer, save_directory) -> Path:
     "Write `vocab.json`, `merges.txt`, `tokenizer_config.json` and `special_tokens_map.json` (the Hub layout)."
     folder = Path(save_directory); folder.mkdir(parents=True, exist_ok=True)
     vocab = dict(sorted(self.encoder.items(), key=lambda kv: kv[1]))
@@ -223,18 +222,15 @@ def _save_pretrained(self: CLIPTokenizer, save_directory) -> Path:
     (folder/"special_tokens_map.json").write_text(json.dumps({k: plain(t) for k, t in self.special_tokens.items()}, indent=2) + "\n")
     return folder
 
-CLIPTokenizer.save_pretrained = _save_pretrained
-
 # %% ../nbs/07_tokenizer.ipynb #b2b43d9b
-def _encode(self: CLIPTokenizer, text: str, add_special_tokens=True, truncation=False, max_length=None) -> list[int]:
+@patch
+def encode(self: CLIPTokenizer, text: str, add_special_tokens=True, truncation=False, max_length=None) -> list[int]:
     "Ids of one prompt, wrapped in BOS ... EOS; `truncation` keeps at most `max_length` ids (EOS kept)."
     ids = self._text_ids(text)
     if truncation:
         limit = (max_length or self.model_max_length) - (2 if add_special_tokens else 0)
         ids = ids[:max(limit, 0)]
     return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
-
-CLIPTokenizer.encode = _encode
 
 # %% ../nbs/07_tokenizer.ipynb #a973d636
 @dataclass
@@ -245,6 +241,7 @@ class TokenizerOutput(BaseOutput):
 
 PADDINGS = (False, True, "longest", "max_length", "do_not_pad")
 
+@patch
 def _check_call(self: CLIPTokenizer, text, padding, max_length, truncation, return_tensors):
     "Validate a tokenizer call; return the prompts as a list."
     texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
@@ -259,16 +256,16 @@ def _check_call(self: CLIPTokenizer, text, padding, max_length, truncation, retu
     if return_tensors not in (None, "pt"): raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
     return texts
 
-CLIPTokenizer._check_call = _check_call
-
 # %% ../nbs/07_tokenizer.ipynb #8a36ec85
+@patch
 def _warn_truncated(self: CLIPTokenizer, full: list[list[int]], kept: list[list[int]], max_length: int):
     "One warning naming the text that truncation dropped from each prompt."
     dropped = [self.decode(f[len(k) - 1:-1]) for f, k in zip(full, kept) if len(f) > len(k)]
     if dropped: warnings.warn(f"The following part of your input was truncated because CLIP can only handle "
                               f"sequences up to {max_length} tokens: {dropped}", stacklevel=3)
 
-def _call(self: CLIPTokenizer, text, padding=False, max_length=None, truncation=False, return_tensors=None):
+@patch
+def __call__(self: CLIPTokenizer, text, padding=False, max_length=None, truncation=False, return_tensors=None):
     "Tokenise a prompt or a list of prompts -> `TokenizerOutput(input_ids, attention_mask)`."
     texts = self._check_call(text, padding, max_length, truncation, return_tensors)
     full = [self.encode(t) for t in texts]
@@ -285,9 +282,8 @@ def _call(self: CLIPTokenizer, text, padding=False, max_length=None, truncation=
     elif isinstance(text, str): ids, mask = ids[0], mask[0]
     return TokenizerOutput(input_ids=ids, attention_mask=mask)
 
-CLIPTokenizer._warn_truncated, CLIPTokenizer.__call__ = _warn_truncated, _call
-
 # %% ../nbs/07_tokenizer.ipynb #fd9cc1ee
+@patch
 def _check_ids(self: CLIPTokenizer, ids) -> list[int]:
     "Ids as a list of ints, each checked to be in the vocabulary."
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
@@ -297,7 +293,8 @@ def _check_ids(self: CLIPTokenizer, ids) -> list[int]:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{len(self.decoder) - 1})")
     return ids
 
-def _decode(self: CLIPTokenizer, ids, skip_special_tokens=False) -> str:
+@patch
+def decode(self: CLIPTokenizer, ids, skip_special_tokens=False) -> str:
     "Text of a sequence of ids (a list or 1-d tensor)."
     ids = self._check_ids(ids)
     special = set(self.all_special_ids) if skip_special_tokens else set()
@@ -305,8 +302,7 @@ def _decode(self: CLIPTokenizer, ids, skip_special_tokens=False) -> str:
     raw = bytes(self.byte_decoder[c] for c in text if c in self.byte_decoder)
     return raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
 
-def _batch_decode(self: CLIPTokenizer, sequences, skip_special_tokens=False) -> list[str]:
+@patch
+def batch_decode(self: CLIPTokenizer, sequences, skip_special_tokens=False) -> list[str]:
     "Text of each id sequence (a list of lists or a 2-d tensor)."
     return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
-
-CLIPTokenizer._check_ids, CLIPTokenizer.decode, CLIPTokenizer.batch_decode = _check_ids, _decode, _batch_decode

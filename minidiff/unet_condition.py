@@ -10,14 +10,15 @@ from torch import nn
 import torch.nn.functional as F
 from .core import BaseOutput, register_to_config
 from .loading import ModelMixin
-from .unet_blocks import Timesteps, TimestepEmbedding, Attention, Downsample2D, Upsample2D, get_activation
-from .unet2d import DownBlock2D, UpBlock2D, resnet_block, up_resnets, check_supported, batch_timesteps
+from .core import patch
+from .layers import Timesteps, TimestepEmbedding, Attention, Downsample2D, Upsample2D, get_activation
+from .blocks import DownBlock2D, UpBlock2D, resnet_block, check_supported, batch_timesteps
 
 # %% auto #0
 __all__ = ['DOWN_BLOCKS', 'UP_BLOCKS', 'CROSS_BLOCKS', 'SUPPORTED', 'MUST_BE_NONE', 'GEGLU', 'FeedForward',
            'BasicTransformerBlock', 'Transformer2DModel', 'transformer_block', 'CrossAttnDownBlock2D',
            'UNetMidBlock2DCrossAttn', 'CrossAttnUpBlock2D', 'UNet2DConditionOutput', 'per_block', 'text_for',
-           'check_text', 'check_unet_condition_config', 'UNet2DConditionModel', 'slice_attention']
+           'check_text', 'check_unet_condition_config', 'text_kwargs', 'UNet2DConditionModel', 'slice_attention']
 
 # %% ../nbs/10_unet_condition.ipynb #bff3995e
 class GEGLU(nn.Module):
@@ -111,12 +112,15 @@ class CrossAttnDownBlock2D(nn.Module):
                  cross_attention_dim:int=1280, output_scale_factor:float=1.0, downsample_padding:int=1,
                  add_downsample:bool=True, use_linear_projection:bool=False, upcast_attention:bool=False):
         super().__init__()
-        res = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn, output_scale_factor)
-        self.attentions = nn.ModuleList([transformer_block(
-            out_channels, num_attention_heads, cross_attention_dim, transformer_layers_per_block, resnet_groups, dropout,
-            use_linear_projection, upcast_attention) for _ in range(num_layers)])
-        self.resnets = nn.ModuleList([resnet_block(in_channels if i == 0 else out_channels, out_channels, *res)
-                                      for i in range(num_layers)])
+        res = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
+               output_scale_factor)
+        text = (num_attention_heads, cross_attention_dim, transformer_layers_per_block, resnet_groups, dropout,
+                use_linear_projection, upcast_attention)
+        resnets, attentions = [], []
+        for i in range(num_layers):
+            resnets.append(resnet_block(in_channels if i == 0 else out_channels, out_channels, *res))
+            attentions.append(transformer_block(out_channels, *text))
+        self.attentions, self.resnets = nn.ModuleList(attentions), nn.ModuleList(resnets)
         self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, use_conv=True, padding=downsample_padding)])
                              if add_downsample else None)
 
@@ -137,14 +141,19 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     "ResNet block, then (`Transformer2DModel`, ResNet block) `num_layers` times, at the lowest resolution."
     def __init__(self, in_channels:int, temb_channels:int, dropout:float=0.0, num_layers:int=1,
                  transformer_layers_per_block:int=1, resnet_eps:float=1e-6, resnet_time_scale_shift:str='default',
-                 resnet_act_fn:str='swish', resnet_groups:int=32, num_attention_heads:int=1, output_scale_factor:float=1.0,
-                 cross_attention_dim:int=1280, use_linear_projection:bool=False, upcast_attention:bool=False):
+                 resnet_act_fn:str='swish', resnet_groups:int=32, num_attention_heads:int=1,
+                 output_scale_factor:float=1.0, cross_attention_dim:int=1280, use_linear_projection:bool=False,
+                 upcast_attention:bool=False):
         super().__init__()
-        res = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn, output_scale_factor)
-        self.attentions = nn.ModuleList([transformer_block(
-            in_channels, num_attention_heads, cross_attention_dim, transformer_layers_per_block, resnet_groups, dropout,
-            use_linear_projection, upcast_attention) for _ in range(num_layers)])
-        self.resnets = nn.ModuleList([resnet_block(in_channels, in_channels, *res) for _ in range(num_layers + 1)])
+        res = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
+               output_scale_factor)
+        text = (num_attention_heads, cross_attention_dim, transformer_layers_per_block, resnet_groups, dropout,
+                use_linear_projection, upcast_attention)
+        resnets, attentions = [resnet_block(in_channels, in_channels, *res)], []
+        for _ in range(num_layers):
+            attentions.append(transformer_block(in_channels, *text))
+            resnets.append(resnet_block(in_channels, in_channels, *res))
+        self.attentions, self.resnets = nn.ModuleList(attentions), nn.ModuleList(resnets)
 
     def forward(self, hidden_states, # (B, C, H, W)
                 temb, # (B, D) time embedding
@@ -157,17 +166,23 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 # %% ../nbs/10_unet_condition.ipynb #b6c53af2
 class CrossAttnUpBlock2D(nn.Module):
     "`UpBlock2D` with a `Transformer2DModel` after each ResNet block."
-    def __init__(self, in_channels:int, out_channels:int, prev_output_channel:int, temb_channels:int, dropout:float=0.0,
-                 num_layers:int=1, transformer_layers_per_block:int=1, resnet_eps:float=1e-6,
+    def __init__(self, in_channels:int, out_channels:int, prev_output_channel:int, temb_channels:int,
+                 dropout:float=0.0, num_layers:int=1, transformer_layers_per_block:int=1, resnet_eps:float=1e-6,
                  resnet_time_scale_shift:str='default', resnet_act_fn:str='swish', resnet_groups:int=32,
                  num_attention_heads:int=1, cross_attention_dim:int=1280, output_scale_factor:float=1.0,
                  add_upsample:bool=True, use_linear_projection:bool=False, upcast_attention:bool=False):
         super().__init__()
-        res = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn, output_scale_factor)
-        self.attentions = nn.ModuleList([transformer_block(
-            out_channels, num_attention_heads, cross_attention_dim, transformer_layers_per_block, resnet_groups, dropout,
-            use_linear_projection, upcast_attention) for _ in range(num_layers)])
-        self.resnets = up_resnets(in_channels, prev_output_channel, out_channels, num_layers, *res)
+        res = (temb_channels, resnet_eps, resnet_groups, dropout, resnet_time_scale_shift, resnet_act_fn,
+               output_scale_factor)
+        text = (num_attention_heads, cross_attention_dim, transformer_layers_per_block, resnet_groups, dropout,
+                use_linear_projection, upcast_attention)
+        resnets, attentions = [], []
+        for i in range(num_layers):
+            res_skip_channels = in_channels if i == num_layers - 1 else out_channels
+            resnet_in_channels = prev_output_channel if i == 0 else out_channels
+            resnets.append(resnet_block(resnet_in_channels + res_skip_channels, out_channels, *res))
+            attentions.append(transformer_block(out_channels, *text))
+        self.attentions, self.resnets = nn.ModuleList(attentions), nn.ModuleList(resnets)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None
 
     def forward(self, hidden_states, # (B, C_prev, H, W)
@@ -193,6 +208,7 @@ DOWN_BLOCKS = {'CrossAttnDownBlock2D': CrossAttnDownBlock2D, 'DownBlock2D': Down
 UP_BLOCKS = {'CrossAttnUpBlock2D': CrossAttnUpBlock2D, 'UpBlock2D': UpBlock2D}
 CROSS_BLOCKS = (CrossAttnDownBlock2D, CrossAttnUpBlock2D)
 
+# %% ../nbs/10_unet_condition.ipynb #4a3e2d5e
 def per_block(name, value, n) -> list:
     "A config value given once or per level, as a list of `n`."
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
@@ -201,10 +217,12 @@ def per_block(name, value, n) -> list:
         raise ValueError(f"UNet2DConditionModel: unsupported {name}={value!r} (nested lists)")
     return values
 
+# %% ../nbs/10_unet_condition.ipynb #4a3e2d5f
 def text_for(block, encoder_hidden_states) -> tuple:
     "The extra argument of a level: the text for a cross-attention block, nothing for a plain one."
     return (encoder_hidden_states,) if isinstance(block, CROSS_BLOCKS) else ()
 
+# %% ../nbs/10_unet_condition.ipynb #4a3e2d60
 def check_text(sample, encoder_hidden_states, cross_attention_dim):
     "Raise a clear `ValueError` when `encoder_hidden_states` cannot condition this batch of latents."
     if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.ndim != 3:
@@ -232,7 +250,20 @@ def check_unet_condition_config(c:dict):
     check_supported('UNet2DConditionModel', **{k: (c[k], allowed) for k, allowed in choices.items()})
     if c['norm_num_groups'] is None: raise ValueError("UNet2DConditionModel: unsupported norm_num_groups=None")
     if not len(c['down_block_types']) == len(c['up_block_types']) == len(c['block_out_channels']):
-        raise ValueError("UNet2DConditionModel: down_block_types, up_block_types and block_out_channels must have the same length")
+        raise ValueError("UNet2DConditionModel: down_block_types, up_block_types and block_out_channels "
+                         "must have the same length")
+    for key in ('attention_head_dim', 'cross_attention_dim', 'layers_per_block', 'transformer_layers_per_block'):
+        per_block(key, c[key], len(c['block_out_channels']))
+
+# %% ../nbs/10_unet_condition.ipynb #62c9a0b6
+def text_kwargs(c:dict, kind:str, level:int) -> dict:
+    "The cross-attention arguments of level `level` (0 = top) of config `c`; none for a plain level."
+    if not kind.startswith('CrossAttn'): return {}
+    n = len(c['block_out_channels'])
+    heads, cross, tlayers = [per_block(k, c[k], n) for k in (  # attention_head_dim means heads (SD quirk)
+        'attention_head_dim', 'cross_attention_dim', 'transformer_layers_per_block')]
+    return dict(num_attention_heads=heads[level], cross_attention_dim=cross[level], upcast_attention=c['upcast_attention'],
+                transformer_layers_per_block=tlayers[level], use_linear_projection=c['use_linear_projection'])
 
 # %% ../nbs/10_unet_condition.ipynb #deddcec6
 class UNet2DConditionModel(ModelMixin):
@@ -245,8 +276,9 @@ class UNet2DConditionModel(ModelMixin):
                  downsample_padding=1, mid_block_scale_factor=1, dropout=0.0, act_fn='silu', norm_num_groups=32,
                  norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
                  reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
-                 attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False, use_linear_projection=False,
-                 class_embed_type=None, addition_embed_type=None, addition_time_embed_dim=None, num_class_embeds=None,
+                 attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False,
+                 use_linear_projection=False, class_embed_type=None, addition_embed_type=None,
+                 addition_time_embed_dim=None, num_class_embeds=None,
                  upcast_attention=False, resnet_time_scale_shift='default', resnet_skip_time_act=False,
                  resnet_out_scale_factor=1.0, time_embedding_type='positional', time_embedding_dim=None,
                  time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3,
@@ -255,60 +287,59 @@ class UNet2DConditionModel(ModelMixin):
                  addition_embed_type_num_heads=64):
         super().__init__()
         check_unet_condition_config(self.config)
-        n, boc = len(block_out_channels), list(block_out_channels)
-        heads, cross, layers, tlayers = [per_block(k, v, n) for k, v in [  # attention_head_dim means heads (SD quirk)
-            ('attention_head_dim', attention_head_dim), ('cross_attention_dim', cross_attention_dim),
-            ('layers_per_block', layers_per_block), ('transformer_layers_per_block', transformer_layers_per_block)]]
+        boc, last = list(block_out_channels), len(block_out_channels) - 1
+        layers = per_block('layers_per_block', layers_per_block, last + 1)
         temb_dim = time_embedding_dim or boc[0] * 4
         self.conv_in = nn.Conv2d(in_channels, boc[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
         self.time_proj = Timesteps(boc[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(boc[0], temb_dim, act_fn)
         common = dict(temb_channels=temb_dim, dropout=dropout, resnet_eps=norm_eps, resnet_act_fn=act_fn,
                       resnet_groups=norm_num_groups, resnet_time_scale_shift=resnet_time_scale_shift)
-        def text(kind, i): return (dict(num_attention_heads=heads[i], cross_attention_dim=cross[i],
-                                        transformer_layers_per_block=tlayers[i], use_linear_projection=use_linear_projection,
-                                        upcast_attention=upcast_attention) if kind.startswith('CrossAttn') else {})
-        self.down_blocks = nn.ModuleList([DOWN_BLOCKS[k](
-            in_channels=boc[max(i - 1, 0)], out_channels=boc[i], num_layers=layers[i], add_downsample=i < n - 1,
-            downsample_padding=downsample_padding, **text(k, i), **common)
-            for i, k in enumerate(down_block_types)])
-        r = n - 1   # the up levels run over the per-level lists backwards: level i of the way up is r - i of the way down
-        self.up_blocks = nn.ModuleList([UP_BLOCKS[k](
-            in_channels=boc[max(r - i - 1, 0)], prev_output_channel=boc[min(r - i + 1, r)], out_channels=boc[r - i],
-            num_layers=layers[r - i] + 1, add_upsample=i < r, **text(k, r - i), **common) for i, k in enumerate(up_block_types)])
+        self.down_blocks, self.up_blocks = nn.ModuleList(), nn.ModuleList()
+        output_channel = boc[0]
+        for i, kind in enumerate(down_block_types):
+            input_channel, output_channel = output_channel, boc[i]
+            self.down_blocks.append(DOWN_BLOCKS[kind](in_channels=input_channel, out_channels=output_channel,
+                num_layers=layers[i], add_downsample=i < last, downsample_padding=downsample_padding,
+                **text_kwargs(self.config, kind, i), **common))
         self.mid_block = None if mid_block_type is None else UNetMidBlock2DCrossAttn(
-            boc[-1], num_attention_heads=heads[-1], cross_attention_dim=cross[-1], transformer_layers_per_block=tlayers[-1],
-            output_scale_factor=mid_block_scale_factor, use_linear_projection=use_linear_projection,
-            upcast_attention=upcast_attention, **common)
+            boc[-1], output_scale_factor=mid_block_scale_factor, **text_kwargs(self.config, 'CrossAttn', last),
+            **common)
+        reversed_channels, reversed_layers = boc[::-1], layers[::-1]   # output_channel is still boc[-1]
+        for i, kind in enumerate(up_block_types):
+            prev_output_channel, output_channel = output_channel, reversed_channels[i]
+            input_channel = reversed_channels[min(i + 1, last)]   # the skip from the level below, on the way down
+            self.up_blocks.append(UP_BLOCKS[kind](in_channels=input_channel, prev_output_channel=prev_output_channel,
+                out_channels=output_channel, num_layers=reversed_layers[i] + 1, add_upsample=i < last,
+                **text_kwargs(self.config, kind, last - i), **common))   # last - i: the same level on the way down
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, boc[0], eps=norm_eps)
         self.conv_act = get_activation(act_fn)
         self.conv_out = nn.Conv2d(boc[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
 
-    def forward(self, sample, # (B, C_in, H, W) noisy latents
-                timestep, # int/float, 0-d tensor, or (B,) / (1,) tensor
-                encoder_hidden_states, # (B, 77, cross_attention_dim) text embeddings
-                return_dict:bool=True): # False: return a tuple
-        check_text(sample, encoder_hidden_states, self.config.cross_attention_dim)
-        if self.config.center_input_sample: sample = 2 * sample - 1.0
-        t = batch_timesteps(timestep, sample, torch.float32 if isinstance(timestep, float) else torch.long)
-        emb = self.time_embedding(self.time_proj(t).to(sample.dtype))           # (B, D)
-        sample = self.conv_in(sample)                                           # (B, C0, H, W)
-        skips = (sample,)
-        for block in self.down_blocks:
-            sample, states = block(sample, emb, *text_for(block, encoder_hidden_states))  # (B, C_i, H/2^i, W/2^i)
-            skips += states
-        if self.mid_block is not None: sample = self.mid_block(sample, emb, encoder_hidden_states)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            res, skips = skips[-n:], skips[:-n]
-            size = skips[-1].shape[2:] if skips else None                      # upsample to the next skip's size
-            sample = block(sample, res, emb, *text_for(block, encoder_hidden_states), upsample_size=size)
-        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))       # (B, C_out, H, W)
-        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
-
-    def set_attention_slice(self, slice_size): # "auto", "max", an int, a list (one per `Attention`), or None
-        "Compute attention a few (batch x head) maps at a time to save memory (`pipe.enable_attention_slicing()`)."
-        slice_attention(self, slice_size)
+# %% ../nbs/10_unet_condition.ipynb #deddcec7
+@patch
+def forward(self:UNet2DConditionModel, sample, # (B, C_in, H, W) noisy latents
+            timestep, # int/float, 0-d tensor, or (B,) / (1,) tensor
+            encoder_hidden_states, # (B, 77, cross_attention_dim) text embeddings
+            return_dict:bool=True): # False: return a tuple
+    "Predict the noise in the latents `sample` at `timestep`, reading the prompt `encoder_hidden_states`."
+    check_text(sample, encoder_hidden_states, self.config.cross_attention_dim)
+    if self.config.center_input_sample: sample = 2 * sample - 1.0
+    t = batch_timesteps(timestep, sample, torch.float32 if isinstance(timestep, float) else torch.long)
+    emb = self.time_embedding(self.time_proj(t).to(sample.dtype))           # (B, D)
+    sample = self.conv_in(sample)                                           # (B, C0, H, W)
+    skips = (sample,)
+    for block in self.down_blocks:
+        sample, states = block(sample, emb, *text_for(block, encoder_hidden_states))  # (B, C_i, H/2^i, W/2^i)
+        skips += states
+    if self.mid_block is not None: sample = self.mid_block(sample, emb, encoder_hidden_states)
+    for block in self.up_blocks:
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        size = skips[-1].shape[2:] if skips else None                      # upsample to the next skip's size
+        sample = block(sample, res, emb, *text_for(block, encoder_hidden_states), upsample_size=size)
+    sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))       # (B, C_out, H, W)
+    return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
 
 # %% ../nbs/10_unet_condition.ipynb #e521a720
 def slice_attention(model:nn.Module, slice_size):
@@ -324,3 +355,9 @@ def slice_attention(model:nn.Module, slice_size):
         if s is not None and not (isinstance(s, int) and 0 < s <= h):
             raise ValueError(f"slice_size {s!r} has to be None, 'auto', 'max' or an int between 1 and the number of heads {h}")
     for a, s in zip(attns, sizes): a.set_attention_slice(s)
+
+# %% ../nbs/10_unet_condition.ipynb #e521a722
+@patch
+def set_attention_slice(self:UNet2DConditionModel, slice_size): # "auto", "max", an int, a list (one per `Attention`), or None
+    "Compute attention a few (batch x head) maps at a time to save memory (`pipe.enable_attention_slicing()`)."
+    slice_attention(self, slice_size)

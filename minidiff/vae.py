@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from .core import BaseOutput, register_to_config, randn_tensor
 from .loading import ModelMixin
-from .unet_blocks import Downsample2D, Upsample2D
-from .unet2d import UNetMidBlock2D, resnet_block, check_supported
+from .layers import Downsample2D, Upsample2D
+from .blocks import UNetMidBlock2D, resnet_block, check_supported
 
 # %% auto #0
 __all__ = ['DownEncoderBlock2D', 'UpDecoderBlock2D', 'Encoder', 'Decoder', 'DiagonalGaussianDistribution', 'AutoencoderKLOutput',
@@ -63,10 +63,11 @@ class Encoder(nn.Module):
         check_supported('Encoder', down_block_types=(down_block_types, ['DownEncoderBlock2D']))
         boc, n = list(block_out_channels), len(block_out_channels)
         self.conv_in = nn.Conv2d(in_channels, boc[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([DownEncoderBlock2D(boc[max(i - 1, 0)], boc[i], num_layers=layers_per_block,
-                                                             resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
-                                                             add_downsample=i < n - 1, downsample_padding=0)
-                                          for i in range(n)])
+        self.down_blocks, output_channel = nn.ModuleList(), boc[0]
+        for i in range(n):
+            input_channel, output_channel = output_channel, boc[i]
+            self.down_blocks.append(DownEncoderBlock2D(input_channel, output_channel, num_layers=layers_per_block,
+                resnet_act_fn=act_fn, resnet_groups=norm_num_groups, add_downsample=i < n - 1, downsample_padding=0))
         self.mid_block = UNetMidBlock2D(boc[-1], temb_channels=None, resnet_eps=1e-6, resnet_act_fn=act_fn,
                                         resnet_groups=norm_num_groups, attention_head_dim=boc[-1],
                                         add_attention=mid_block_add_attention)
@@ -93,9 +94,11 @@ class Decoder(nn.Module):
         self.mid_block = UNetMidBlock2D(rev[0], temb_channels=None, resnet_eps=1e-6, resnet_act_fn=act_fn,
                                         resnet_groups=norm_num_groups, attention_head_dim=rev[0],
                                         add_attention=mid_block_add_attention)
-        self.up_blocks = nn.ModuleList([UpDecoderBlock2D(rev[max(i - 1, 0)], rev[i], num_layers=layers_per_block + 1,
-                                                         resnet_act_fn=act_fn, resnet_groups=norm_num_groups,
-                                                         add_upsample=i < n - 1) for i in range(n)])
+        self.up_blocks, output_channel = nn.ModuleList(), rev[0]
+        for i in range(n):
+            prev_output_channel, output_channel = output_channel, rev[i]
+            self.up_blocks.append(UpDecoderBlock2D(prev_output_channel, output_channel, num_layers=layers_per_block + 1,
+                resnet_act_fn=act_fn, resnet_groups=norm_num_groups, add_upsample=i < n - 1))
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, rev[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(rev[-1], out_channels, 3, padding=1)

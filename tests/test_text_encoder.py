@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from minidiff.core import CheckpointNotFoundError
 from minidiff.loading import CheckpointError
-from minidiff.text_encoder import CLIPTextModel, BOS_TOKEN_ID, EOS_TOKEN_ID
+from minidiff.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID
+from minidiff.text_encoder import CLIPTextModel
 
 import transformers
 transformers.utils.logging.disable_progress_bar(); transformers.utils.logging.set_verbosity_error()
@@ -94,7 +95,8 @@ def test_parity_left_padding_and_transformers_loading(tiny):
     assert_parity(ours, ref, ids, mask)
 
 
-@pytest.mark.parametrize('eos_token_id,hidden_act', [(EOS_TOKEN_ID, 'quick_gelu'), (EOS_TOKEN_ID, 'gelu'), (2, 'gelu')])
+@pytest.mark.parametrize('eos_token_id,hidden_act', [(EOS_TOKEN_ID, 'quick_gelu'), (EOS_TOKEN_ID, 'gelu'), (2, 'gelu'),
+                                                         (2, 'relu')])
 def test_parity_other_configs(tmp_path, eos_token_id, hidden_act):
     "Newer configs pool at the first EOS; legacy ones at argmax(input_ids): padding with id 0 tells them apart."
     cfg = {**TINY, 'eos_token_id': eos_token_id, 'hidden_act': hidden_act}
@@ -143,6 +145,29 @@ def test_fp16_variant(tiny):
     assert o.last_hidden_state.dtype == torch.float16
     torch.testing.assert_close(o.last_hidden_state, r.last_hidden_state, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(o.pooler_output, r.pooler_output, rtol=1e-3, atol=1e-3)
+
+
+def test_outputs_and_config_of_a_small_model():
+    "Moved from 08_text_encoder: tuple and attribute access agree, every layer's state, the config, the length check."
+    torch.manual_seed(0)
+    te = CLIPTextModel.from_config({**SD15_CONFIG, 'hidden_size': 64, 'intermediate_size': 256,
+                                    'num_attention_heads': 4, 'num_hidden_layers': 3, 'projection_dim': 64}).eval()
+    ids, _ = prompt_batch()
+    with torch.no_grad(): out = te(ids, output_hidden_states=True)
+    assert out[0] is out.last_hidden_state and len(out.hidden_states) == 3 + 1
+    assert torch.isfinite(out.last_hidden_state).all()
+    assert te.config.eos_token_id == 2 and te.config.model_type == 'clip_text_model'
+    with pytest.raises(ValueError, match='truncate the prompt'): te(torch.ones(1, 80, dtype=torch.long))
+
+
+def test_loaded_config_and_fp16_weights(tiny):
+    "Moved from 08_text_encoder: the file's config keys survive loading; fp16 weights are the fp32 ones rounded."
+    folder, _ = tiny
+    te = CLIPTextModel.from_pretrained(folder)
+    te16 = CLIPTextModel.from_pretrained(folder, variant='fp16', torch_dtype=torch.float16)
+    assert te.config.hidden_act == 'quick_gelu' and te.config.transformers_version == '4.22.0.dev0'
+    w = 'text_model.final_layer_norm.weight'
+    assert torch.equal(te16.state_dict()[w], te.state_dict()[w].half())
 
 
 def test_pytorch_model_bin_with_position_ids(tiny, tmp_path):
@@ -238,7 +263,7 @@ def test_bad_attention_mask(small_model):
 
 
 @pytest.mark.parametrize('kwargs,msg', [
-    (dict(hidden_act='relu'), "hidden_act 'relu' is not supported"),
+    (dict(hidden_act='tanh'), "unsupported hidden_act 'tanh'"),
     (dict(hidden_size=30, num_attention_heads=4), 'hidden_size 30 is not a multiple of num_attention_heads 4'),
     (dict(eos_token_id=[49407, 2]), 'eos_token_id must be one token id'),
 ])

@@ -7,7 +7,7 @@ from minidiff.core import CheckpointNotFoundError
 from minidiff.tokenizer import CLIPTokenizer, find_bpe_file, BPE_FILE_NAME, MAX_CACHED_WORDS
 
 SD_TOKENIZER_CONFIGS = Path(__file__).parents[1]/'nbs'/'configs'/'runwayml_stable-diffusion-v1-5'/'tokenizer'
-KNOWN_IDS = {  # CHECKPOINTS.md section 5, "CLIP token ids"
+KNOWN_IDS = {  # ids of openai/clip-vit-large-patch14's tokenizer (SD v1.x tokenizer/), as transformers gives them
     "a photograph of an astronaut riding a horse": [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407],
     "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
     "a photo of an astronaut riding a horse on mars": [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407],
@@ -161,6 +161,7 @@ def test_bare_folder_matches_transformers(tok, folder, tmp_path):
 
 def test_saved_folder_round_trip(tok, folder):
     t = CLIPTokenizer.from_pretrained(folder)
+    assert len(tok) == tok.vocab_size == 49408
     assert (t.encoder, t.merges, t.special_tokens, t.model_max_length) == (tok.encoder, tok.merges, tok.special_tokens, 77)
     assert sorted(p.name for p in folder.iterdir()) == ['merges.txt', 'special_tokens_map.json', 'tokenizer_config.json', 'vocab.json']
     assert (folder/'merges.txt').read_text().split('\n')[:3] == ['#version: 0.2', 'i n', 't h']

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file, save_file
 from minidiff.core import CheckpointNotFoundError
-from minidiff.loading import CheckpointError
+from minidiff.loading import CheckpointError, to_legacy_keys
 from minidiff.unet2d import UNet2DModel
 
 import diffusers
@@ -13,12 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIG = json.loads((ROOT/"nbs/configs/google_ddpm-cat-256/config.json").read_text())
 TINY_CONFIG = {**REAL_CONFIG, "block_out_channels": [32, 32, 32, 32, 32, 32]}
 REAL_KEYS = Path(__file__).parent/"data"/"google_ddpm-cat-256.keys.txt"   # copied from the shared reference
-LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-def legacy_name(k):
-    for new, old in LEGACY.items(): k = k.replace(f".{new}.", f".{old}.")
-    return k
 
 def reference_unet(config, seed=0):
     "diffusers' UNet2DModel with seeded weights; 1-d parameters (norms, biases) perturbed so none is trivial."
@@ -33,7 +28,7 @@ def write_folder(folder, config, state_dict):
     "A folder laid out like google/ddpm-cat-256: the Hub config.json and legacy-named safetensors."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     (folder/"config.json").write_text(json.dumps(config, indent=2))
-    sd = {legacy_name(k): v.contiguous() for k, v in state_dict.items()}
+    sd = {k: v.contiguous() for k, v in to_legacy_keys(state_dict).items()}
     save_file(sd, str(folder/WEIGHTS), metadata={"format": "pt"})
     return folder
 
@@ -42,6 +37,7 @@ def compare(ours, ref, size, t):
     torch.manual_seed(1)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad(): a, b = ours(x, t).sample, ref(x, t).sample
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     return (a - b).abs().max().item(), ((a - b).abs() / b.abs().clamp_min(1e-3)).max().item()
 
@@ -50,7 +46,7 @@ def full():
     "The real full-size config: diffusers reference and ours loaded from the legacy-named state dict (in memory)."
     ref = reference_unet(REAL_CONFIG)
     with torch.device("meta"): ours = UNet2DModel.from_config(REAL_CONFIG)
-    ours.load_checked_state_dict({legacy_name(k): v for k, v in ref.state_dict().items()}).eval()
+    ours.load_checked_state_dict(to_legacy_keys(ref.state_dict())).eval()
     return ours, ref
 
 @pytest.fixture
@@ -61,7 +57,7 @@ def tiny(tmp_path):
 def test_full_config_keys_match_the_hub_file():
     hub = dict(line.split("\t") for line in REAL_KEYS.read_text().splitlines() if line.strip())
     with torch.device("meta"): ours = UNet2DModel.from_config(REAL_CONFIG)
-    mine = {legacy_name(k): str(list(v.shape)).replace(" ", "") for k, v in ours.state_dict().items()}
+    mine = to_legacy_keys({k: str(list(v.shape)).replace(" ", "") for k, v in ours.state_dict().items()})
     assert mine == {k: v.replace(" ", "") for k, v in hub.items()}
     assert sum(p.numel() for p in ours.parameters()) == 113_673_219
 

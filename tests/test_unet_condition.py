@@ -5,7 +5,7 @@ import pytest
 import torch
 import diffusers
 from minidiff.loading import CheckpointError
-from minidiff.unet_blocks import Attention
+from minidiff.layers import Attention
 from minidiff.unet_condition import UNet2DConditionModel
 
 ROOT = Path(__file__).parents[1]

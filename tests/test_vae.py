@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from minidiff.core import CheckpointNotFoundError
-from minidiff.loading import CheckpointError, fix_legacy_keys, check_state_dict
+from minidiff.loading import CheckpointError, fix_legacy_keys, check_state_dict, to_legacy_keys
 from minidiff.vae import AutoencoderKL, DiagonalGaussianDistribution
 
 import diffusers
@@ -19,14 +19,6 @@ MSE = json.loads((CONFIGS/'stabilityai_sd-vae-ft-mse'/'config.json').read_text()
 SMALL = {**SD15, 'block_out_channels': [32, 64], 'layers_per_block': 1, 'sample_size': 32,
          'down_block_types': ['DownEncoderBlock2D'] * 2, 'up_block_types': ['UpDecoderBlock2D'] * 2}
 TOL = dict(rtol=1e-5, atol=1e-5)   # outputs of order 1
-LEGACY = {'.to_q.': '.query.', '.to_k.': '.key.', '.to_v.': '.value.', '.to_out.0.': '.proj_attn.'}
-
-
-def legacy_name(k):
-    for new, old in LEGACY.items(): k = k.replace(new, old)
-    return k
-
-
 def write_sd_vae(folder, config, seed=0, legacy=True, fp16=True):
     "Seeded diffusers AutoencoderKL saved like SD v1.5's vae/: legacy-named fp32 file, new-named fp16 variant."
     torch.manual_seed(seed)
@@ -36,7 +28,7 @@ def write_sd_vae(folder, config, seed=0, legacy=True, fp16=True):
             if p.ndim == 1: p.add_(0.1 * torch.randn_like(p))   # norms away from 1/0, so mix-ups show
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
-    save_file({legacy_name(k) if legacy else k: v for k, v in sd.items()}, folder/'diffusion_pytorch_model.safetensors',
+    save_file(to_legacy_keys(sd) if legacy else sd, folder/'diffusion_pytorch_model.safetensors',
               metadata={'format': 'pt'})
     if fp16: save_file({k: v.half() for k, v in sd.items()}, folder/'diffusion_pytorch_model.fp16.safetensors',
                        metadata={'format': 'pt'})
@@ -103,6 +95,21 @@ def test_parity_generator_list_and_batch(tmp_path):
         torch.testing.assert_close(po.mode(), pr.mode(), **TOL)
         torch.testing.assert_close(po.kl(DiagonalGaussianDistribution(po.parameters.flip(0))),
                                    pr.kl(type(pr)(pr.parameters.flip(0))), **TOL)
+
+
+def test_posterior_against_torch_distributions():
+    "Moved from 14_vae: KL to itself is 0, the NLL is torch's log-density, samples spread by std."
+    import math
+    torch.manual_seed(0)
+    moments = torch.cat([torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8) - 1], dim=1)
+    post = DiagonalGaussianDistribution(moments)
+    q = torch.distributions.Normal(post.mean, post.std)
+    torch.testing.assert_close(post.kl(post), torch.zeros(2), rtol=0, atol=1e-5)
+    nll = post.nll(post.mean)
+    assert torch.isfinite(nll).all()
+    torch.testing.assert_close(nll, -q.log_prob(post.mean).sum(dim=[1, 2, 3]), rtol=0, atol=1e-3)
+    big = DiagonalGaussianDistribution(torch.cat([torch.zeros(1, 4, 64, 64), torch.full((1, 4, 64, 64), math.log(0.25))], 1))
+    assert abs(big.sample(torch.Generator().manual_seed(0)).std().item() - 0.5) < 0.01
 
 
 def test_deterministic_posterior():

@@ -1,7 +1,8 @@
-"UNet building blocks: extra parity cases against diffusers (non-square maps, odd sizes, fp16/bf16 casts) and errors."
+"Layers (04_layers): extra parity cases against diffusers (non-square maps, odd sizes, fp16/bf16 casts) and errors."
 import pytest, torch
-from minidiff.unet_blocks import (get_timestep_embedding, TimestepEmbedding, ResnetBlock2D, Attention, Downsample2D,
-                                  Upsample2D)
+import torch.nn.functional as F
+from minidiff.layers import (get_timestep_embedding, get_activation, TimestepEmbedding, ResnetBlock2D, Attention,
+                             Downsample2D, Upsample2D)
 
 import diffusers
 from diffusers.models.embeddings import get_timestep_embedding as ref_emb
@@ -13,6 +14,7 @@ from diffusers.models.upsampling import Upsample2D as RefUp
 def check(ours, ref, *args, rtol=1e-5, atol=1e-5, **kwargs):
     ours.load_state_dict(ref.state_dict(), strict=True)
     with torch.no_grad(): a, b = ours.eval()(*args, **kwargs), ref.eval()(*args, **kwargs)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 @pytest.mark.parametrize("dim,flip,shift,scale,max_period", [(1, False, 1, 1, 10000), (9, True, 0, 1, 10000),
@@ -70,3 +72,33 @@ def test_errors():
         ResnetBlock2D(in_channels=32, time_embedding_norm="spatial")
     with pytest.raises(ValueError, match="unsupported act_fn"): ResnetBlock2D(in_channels=32, non_linearity="tanh")
     with pytest.raises(ValueError, match="out_channels must equal channels"): Downsample2D(8, out_channels=16)
+
+def test_errors_moved_from_the_notebook():
+    "The error checks 04_layers used to hold: a ResNet block with a time projection needs temb; slice sizes; activations."
+    res = ResnetBlock2D(in_channels=32, out_channels=64, temb_channels=128)
+    with pytest.raises(ValueError, match="pass temb"): res(torch.randn(1, 32, 4, 4))
+    with pytest.raises(ValueError, match="'ada_group'"): ResnetBlock2D(in_channels=32, time_embedding_norm="ada_group")
+    with pytest.raises(ValueError, match="slice_size 8"): Attention(64, heads=4, dim_head=16).set_attention_slice(8)
+    with pytest.raises(ValueError, match="unsupported hidden_act 'tanh'"): get_activation('tanh', key='hidden_act')
+
+def test_shapes_and_keys_moved_from_the_notebook():
+    vae_res = ResnetBlock2D(in_channels=32, temb_channels=None)
+    assert vae_res.time_emb_proj is None and vae_res.conv_shortcut is None
+    tokens = torch.randn(2, 77, 64)
+    assert Attention(64, heads=4, dim_head=16)(tokens).shape == (2, 77, 64)
+    assert Attention(64, cross_attention_dim=48, heads=4, dim_head=16).to_k.weight.shape == (64, 48)
+    x = torch.randn(1, 4, 8, 8)
+    assert torch.equal(Downsample2D(4)(x), F.avg_pool2d(x, 2))
+    assert list(Downsample2D(4, use_conv=True, padding=0).state_dict()) == ['conv.weight', 'conv.bias']
+
+@pytest.mark.parametrize("name", ["silu", "swish", "mish", "gelu", "relu", "quick_gelu"])
+def test_activations_match_diffusers_and_transformers(name):
+    "Every name of the one table gives the function diffusers' get_activation / transformers' ACT2FN give."
+    from transformers.activations import ACT2FN
+    x = torch.linspace(-6, 6, 101)
+    ours = get_activation(name)(x)
+    assert torch.isfinite(ours).all()
+    assert torch.equal(ours, ACT2FN[name](x))
+    if name != "quick_gelu":
+        from diffusers.models.activations import get_activation as diffusers_activation
+        assert torch.equal(ours, diffusers_activation(name)(x))
