@@ -17,8 +17,9 @@ def resnet_block(in_channels, out_channels, temb_channels, resnet_eps, resnet_gr
                  resnet_time_scale_shift, resnet_act_fn, output_scale_factor) -> ResnetBlock2D:
     "A `ResnetBlock2D` from a UNet block's (diffusers-named) arguments."
     return ResnetBlock2D(in_channels=in_channels, out_channels=out_channels, temb_channels=temb_channels,
-                         eps=resnet_eps, groups=resnet_groups, dropout=dropout, time_embedding_norm=resnet_time_scale_shift,
-                         non_linearity=resnet_act_fn, output_scale_factor=output_scale_factor)
+                         eps=resnet_eps, groups=resnet_groups, dropout=dropout,
+                         time_embedding_norm=resnet_time_scale_shift, non_linearity=resnet_act_fn,
+                         output_scale_factor=output_scale_factor)
 
 # %% ../nbs/04b_blocks.ipynb #22d7ddbf
 def attention_block(channels, attention_head_dim, resnet_eps, groups, output_scale_factor) -> Attention:
@@ -30,7 +31,7 @@ def attention_block(channels, attention_head_dim, resnet_eps, groups, output_sca
 
 # %% ../nbs/04b_blocks.ipynb #fa70006b
 class DownBlock2D(nn.Module):
-    "`num_layers` ResNet blocks, then an optional stride-2 downsampler; returns the output and every state for the skips."
+    "`num_layers` ResNet blocks, then an optional stride-2 downsampler; returns its output and the skip states."
     def __init__(self, in_channels:int, out_channels:int, temb_channels:int, dropout:float=0.0, num_layers:int=1,
                  resnet_eps:float=1e-6, resnet_time_scale_shift:str='default', resnet_act_fn:str='swish',
                  resnet_groups:int=32, output_scale_factor:float=1.0, add_downsample:bool=True,

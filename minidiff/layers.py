@@ -19,7 +19,8 @@ class QuickGELU(nn.Module):
     "CLIP's `x * sigmoid(1.702 x)`, transformers' `quick_gelu`."
     def forward(self, x): return x * torch.sigmoid(1.702 * x)
 
-ACTIVATIONS = {'silu': nn.SiLU, 'swish': nn.SiLU, 'mish': nn.Mish, 'gelu': nn.GELU, 'relu': nn.ReLU, 'quick_gelu': QuickGELU}
+ACTIVATIONS = {'silu': nn.SiLU, 'swish': nn.SiLU, 'mish': nn.Mish, 'gelu': nn.GELU, 'relu': nn.ReLU,
+               'quick_gelu': QuickGELU}
 
 def get_activation(name:str, key:str='act_fn') -> nn.Module:
     "The activation module a config names under `key` (`act_fn` in diffusers, `hidden_act` in transformers)."
@@ -102,7 +103,7 @@ class ResnetBlock2D(nn.Module):
 
 # %% ../nbs/04_layers.ipynb #a71aece3
 class Attention(nn.Module):
-    "Multi-head self/cross attention with diffusers' names; with `norm_num_groups` and a residual it is the legacy `AttentionBlock`."
+    "Multi-head self/cross attention with diffusers' names; with a `norm_num_groups` and a residual: `AttentionBlock`."
     def __init__(self, query_dim:int, cross_attention_dim:int=None, heads:int=8, dim_head:int=64, dropout:float=0.0,
                  bias:bool=False, upcast_attention:bool=False, upcast_softmax:bool=False, norm_num_groups:int=None,
                  eps:float=1e-5, out_bias:bool=True, rescale_output_factor:float=1.0, residual_connection:bool=False):
@@ -149,7 +150,8 @@ def attend(self:Attention, q, k, v): # (B, N, L, Dh), (B, N, Lk, Dh), (B, N, Lk,
 def set_attention_slice(self:Attention, slice_size:int|None):
     "Compute attention `slice_size` (batch x head) maps at a time; `None` switches slicing off."
     if slice_size is not None and not 0 < slice_size <= self.sliceable_head_dim:
-        raise ValueError(f"slice_size {slice_size} has to be between 1 and the number of heads {self.sliceable_head_dim}")
+        raise ValueError(f"slice_size {slice_size} has to be between 1 and the number of heads "
+                         f"{self.sliceable_head_dim}")
     self.slice_size = slice_size
 
 # %% ../nbs/04_layers.ipynb #1175dca0
@@ -158,7 +160,8 @@ class Downsample2D(nn.Module):
     def __init__(self, channels:int, use_conv:bool=False, out_channels:int=None, padding:int=1):
         super().__init__()
         out_channels = out_channels or channels
-        if not use_conv and out_channels != channels: raise ValueError("out_channels must equal channels without use_conv")
+        if not use_conv and out_channels != channels:
+            raise ValueError("out_channels must equal channels without use_conv")
         self.channels, self.use_conv, self.padding = channels, use_conv, padding
         self.conv = nn.Conv2d(channels, out_channels, 3, stride=2, padding=padding) if use_conv else nn.AvgPool2d(2, 2)
     def forward(self, hidden_states): # (B, C, H, W)

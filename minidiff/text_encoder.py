@@ -44,8 +44,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, hidden_size, num_attention_heads, attention_dropout=0.0):
         super().__init__()
         if hidden_size % num_attention_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
-        self.num_heads, self.head_dim, self.dropout = num_attention_heads, hidden_size // num_attention_heads, attention_dropout
+            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads "
+                             f"{num_attention_heads}")
+        self.num_heads, self.head_dim = num_attention_heads, hidden_size // num_attention_heads
+        self.dropout = attention_dropout
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.q_proj = nn.Linear(hidden_size, hidden_size)
@@ -119,18 +121,21 @@ def check_text_inputs(input_ids, attention_mask, vocab_size, max_position_embedd
         raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
-    if input_ids.ndim != 2: raise ValueError(f"input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}")
     L = input_ids.shape[1]
     if L == 0: raise ValueError("input_ids has no tokens: a prompt has at least BOS and EOS")
     if L > max_position_embeddings:
         raise ValueError(f"input_ids has {L} tokens but max_position_embeddings is {max_position_embeddings}: "
                          f"truncate the prompt (tokenizer(..., truncation=True, max_length={max_position_embeddings}))")
     bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-    if bad.numel(): raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got {bad.unique()[:5].tolist()}")
+    if bad.numel():
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got {bad.unique()[:5].tolist()}")
     if attention_mask is None: return
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
         raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
-                         f"got {tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+                         f"got {got}")
 
 # %% ../nbs/08_text_encoder.ipynb #052a0c3b
 class CLIPTextTransformer(nn.Module):
@@ -138,7 +143,8 @@ class CLIPTextTransformer(nn.Module):
     def __init__(self, vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
                  max_position_embeddings, hidden_act, layer_norm_eps, attention_dropout, eos_token_id):
         super().__init__()
-        if not isinstance(eos_token_id, int): raise ValueError(f"eos_token_id must be one token id (an int), got {eos_token_id!r}")
+        if not isinstance(eos_token_id, int):
+            raise ValueError(f"eos_token_id must be one token id (an int), got {eos_token_id!r}")
         self.eos_token_id = eos_token_id
         self.embeddings = CLIPTextEmbeddings(vocab_size, hidden_size, max_position_embeddings)
         self.encoder = CLIPEncoder(num_hidden_layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -186,5 +192,7 @@ class CLIPTextModel(ModelMixin):
         return super().load_checked_state_dict(state_dict, source, dtype)
     def to_json_string(self) -> str:
         "The config as a transformers `config.json`: `architectures` and `model_type` set, no diffusers keys."
-        d = {k: v for k, v in json.loads(super().to_json_string()).items() if k not in ('_class_name', '_diffusers_version')}
-        return json.dumps({'architectures': ['CLIPTextModel'], 'model_type': 'clip_text_model', **d}, indent=2, sort_keys=True) + "\n"
+        d = {k: v for k, v in json.loads(super().to_json_string()).items()
+             if k not in ('_class_name', '_diffusers_version')}
+        d = {'architectures': ['CLIPTextModel'], 'model_type': 'clip_text_model', **d}
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"

@@ -26,8 +26,8 @@ def find_bpe_file(packages=("clip", "open_clip")) -> Path:
         spec = importlib.util.find_spec(name)
         for folder in (spec.submodule_search_locations or []) if spec else []:
             if (Path(folder)/BPE_FILE_NAME).is_file(): return Path(folder)/BPE_FILE_NAME
-    raise FileNotFoundError(f"{BPE_FILE_NAME} was not found in any of the packages {packages}: install "
-                            "clip-anytorch or open-clip-torch, or use CLIPTokenizer.from_pretrained on a tokenizer folder.")
+    raise FileNotFoundError(f"{BPE_FILE_NAME} was not found in any of the packages {packages}: install clip-anytorch "
+                            "or open-clip-torch, or use CLIPTokenizer.from_pretrained on a tokenizer folder.")
 
 # %% ../nbs/07_tokenizer.ipynb #06e70f76
 def bytes_to_unicode() -> dict[int, str]:
@@ -115,7 +115,8 @@ class CLIPTokenizer:
         self.special_tokens = {k: added_token(v["content"], v.get("normalized", True)) if isinstance(v, dict) else v
                                for k, v in given.items()}
         for role, token in self.special_tokens.items():
-            if _content(token) not in self.encoder: raise ValueError(f"{role} {_content(token)!r} is not in the vocabulary")
+            if _content(token) not in self.encoder:
+                raise ValueError(f"{role} {_content(token)!r} is not in the vocabulary")
             setattr(self, role, _content(token))
         self.all_special_tokens = list(dict.fromkeys(map(_content, self.special_tokens.values())))
         raw = {_content(t) for t in self.special_tokens.values() if not (isinstance(t, dict) and t["normalized"])}
@@ -188,21 +189,24 @@ def read_merges(path) -> list[tuple[str, str]]:
 
 @patch(cls_method=True)
 def from_pretrained(cls: CLIPTokenizer, pretrained_model_name_or_path, subfolder=None, *, revision=None, cache_dir=None,
-                    local_files_only=None, torch_dtype=None, variant=None, **kwargs):  # dtype/variant: no weights, ignored
+                    local_files_only=None, torch_dtype=None, variant=None, # no weights: ignored
+                    **kwargs):
     "Load `vocab.json`, `merges.txt` and the token settings from a folder or Hub repo (SD: `subfolder='tokenizer'`)."
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    get = lambda name, required=True: resolve_file(pretrained_model_name_or_path, name, subfolder, required=required, **hub)
+    def get(name, required=True):
+        return resolve_file(pretrained_model_name_or_path, name, subfolder, required=required, **hub)
     vocab = json.loads(get("vocab.json").read_text(encoding="utf-8"))
     merges = read_merges(get("merges.txt"))
     settings = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (f := get(name, required=False)) is not None: settings |= json.loads(f.read_text(encoding="utf-8"))
-    tokens = {k: settings.get(k, _content(v)) for k, v in SD_SPECIAL_TOKENS.items()}  # absent: plain text, like transformers
-    return cls(vocab, merges, **{"model_max_length": settings.get("model_max_length", MODEL_MAX_LENGTH), **tokens, **kwargs})
+    tokens = {k: settings.get(k, _content(v)) for k, v in SD_SPECIAL_TOKENS.items()}  # absent: plain text
+    max_length = settings.get("model_max_length", MODEL_MAX_LENGTH)
+    return cls(vocab, merges, **{"model_max_length": max_length, **tokens, **kwargs})
 
 @patch(cls_method=True)
 def from_bpe_file(cls: CLIPTokenizer, path=None, **kwargs):
-    "Build the tokenizer from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (found in installed packages when `path` is None)."
+    "The tokenizer from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (found in installed packages when `path` is None)."
     lines = gzip.open(path or find_bpe_file()).read().decode("utf-8").split("\n")
     merges = [tuple(l.split()) for l in lines[1:NUM_OPENAI_MERGES + 1]]
     return cls(vocab_from_merges(merges), merges, **kwargs)
@@ -214,12 +218,14 @@ def save_pretrained(self: CLIPTokenizer, save_directory) -> Path:
     folder = Path(save_directory); folder.mkdir(parents=True, exist_ok=True)
     vocab = dict(sorted(self.encoder.items(), key=lambda kv: kv[1]))
     (folder/"vocab.json").write_text(json.dumps(vocab, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder/"merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges), encoding="utf-8")
+    merges = "".join(f"{a} {b}\n" for a, b in self.merges)
+    (folder/"merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
     config = {"add_prefix_space": False, **self.special_tokens, "do_lower_case": True, "errors": "replace",
               "model_max_length": self.model_max_length, "tokenizer_class": "CLIPTokenizer"}
     (folder/"tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     plain = lambda t: {k: v for k, v in t.items() if k != "__type"} if isinstance(t, dict) else t
-    (folder/"special_tokens_map.json").write_text(json.dumps({k: plain(t) for k, t in self.special_tokens.items()}, indent=2) + "\n")
+    special = {k: plain(t) for k, t in self.special_tokens.items()}
+    (folder/"special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return folder
 
 # %% ../nbs/07_tokenizer.ipynb #b2b43d9b
@@ -247,13 +253,15 @@ def _check_call(self: CLIPTokenizer, text, padding, max_length, truncation, retu
     texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
     if texts is None: raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
     if not texts: raise ValueError("text is an empty list: pass at least one prompt")
-    if bad := [t for t in texts if not isinstance(t, str)]: raise TypeError(f"every prompt must be a str, got {bad[0]!r}")
+    if bad := [t for t in texts if not isinstance(t, str)]:
+        raise TypeError(f"every prompt must be a str, got {bad[0]!r}")
     if padding not in PADDINGS: raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     if not isinstance(truncation, bool): raise ValueError(f"truncation must be True or False, got {truncation!r}")
     if max_length is not None and not 2 <= max_length <= self.model_max_length:
         raise ValueError(f"max_length={max_length} must be between 2 and model_max_length={self.model_max_length} "
                          "(CLIP's text encoder has that many positions)")
-    if return_tensors not in (None, "pt"): raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+    if return_tensors not in (None, "pt"):
+        raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
     return texts
 
 # %% ../nbs/07_tokenizer.ipynb #8a36ec85

@@ -33,9 +33,11 @@ def check_unet2d_config(c:dict):
                     downsample_type=(c['downsample_type'], ['conv']), upsample_type=(c['upsample_type'], ['conv']),
                     mid_block_type=(c['mid_block_type'], ['UNetMidBlock2D', None]),
                     resnet_time_scale_shift=(c['resnet_time_scale_shift'], ['default', 'scale_shift']),
-                    down_block_types=(c['down_block_types'], DOWN_BLOCKS), up_block_types=(c['up_block_types'], UP_BLOCKS))
+                    down_block_types=(c['down_block_types'], DOWN_BLOCKS),
+                    up_block_types=(c['up_block_types'], UP_BLOCKS))
     if not len(c['down_block_types']) == len(c['up_block_types']) == len(c['block_out_channels']):
-        raise ValueError("UNet2DModel: down_block_types, up_block_types and block_out_channels must have the same length")
+        raise ValueError("UNet2DModel: down_block_types, up_block_types and block_out_channels "
+                         "must have the same length")
 
 # %% ../nbs/05_unet2d.ipynb #e15c533b
 def attn_kwargs(kind:str, attention_head_dim:int|None, channels:int) -> dict:

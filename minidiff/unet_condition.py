@@ -226,22 +226,26 @@ def text_for(block, encoder_hidden_states) -> tuple:
 def check_text(sample, encoder_hidden_states, cross_attention_dim):
     "Raise a clear `ValueError` when `encoder_hidden_states` cannot condition this batch of latents."
     if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.ndim != 3:
-        got = tuple(encoder_hidden_states.shape) if torch.is_tensor(encoder_hidden_states) else type(encoder_hidden_states).__name__
+        got = (tuple(encoder_hidden_states.shape) if torch.is_tensor(encoder_hidden_states)
+               else type(encoder_hidden_states).__name__)
         raise ValueError(f"encoder_hidden_states must be a (B, L, cross_attention_dim) tensor, got {got}")
     b, _, d = encoder_hidden_states.shape
     widths = set(cross_attention_dim) if isinstance(cross_attention_dim, (list, tuple)) else {cross_attention_dim}
     if d not in widths:
-        raise ValueError(f"encoder_hidden_states has width {d} but the UNet's cross_attention_dim is {cross_attention_dim}")
+        raise ValueError(f"encoder_hidden_states has width {d} but the UNet's cross_attention_dim is "
+                         f"{cross_attention_dim}")
     if b != sample.shape[0]:
         raise ValueError(f"encoder_hidden_states has batch size {b} but sample has {sample.shape[0]}")
 
 # %% ../nbs/10_unet_condition.ipynb #62c9a0b5
-SUPPORTED = dict(down_block_types=DOWN_BLOCKS, up_block_types=UP_BLOCKS, mid_block_type=['UNetMidBlock2DCrossAttn', None],
-                 only_cross_attention=[False], dual_cross_attention=[False], mid_block_only_cross_attention=[None, False],
+SUPPORTED = dict(down_block_types=DOWN_BLOCKS, up_block_types=UP_BLOCKS,
+                 mid_block_type=['UNetMidBlock2DCrossAttn', None], only_cross_attention=[False],
+                 dual_cross_attention=[False], mid_block_only_cross_attention=[None, False],
                  resnet_time_scale_shift=['default', 'scale_shift'], resnet_skip_time_act=[False],
                  time_embedding_type=['positional'], attention_type=['default'], class_embeddings_concat=[False])
-MUST_BE_NONE = ('num_attention_heads', 'encoder_hid_dim', 'encoder_hid_dim_type', 'class_embed_type', 'num_class_embeds',
-                'addition_embed_type', 'projection_class_embeddings_input_dim', 'reverse_transformer_layers_per_block',
+MUST_BE_NONE = ('num_attention_heads', 'encoder_hid_dim', 'encoder_hid_dim_type', 'class_embed_type',
+                'num_class_embeds', 'addition_embed_type', 'projection_class_embeddings_input_dim',
+                'reverse_transformer_layers_per_block',
                 'time_embedding_act_fn', 'timestep_post_act', 'time_cond_proj_dim', 'cross_attention_norm')
 
 def check_unet_condition_config(c:dict):
@@ -262,8 +266,9 @@ def text_kwargs(c:dict, kind:str, level:int) -> dict:
     n = len(c['block_out_channels'])
     heads, cross, tlayers = [per_block(k, c[k], n) for k in (  # attention_head_dim means heads (SD quirk)
         'attention_head_dim', 'cross_attention_dim', 'transformer_layers_per_block')]
-    return dict(num_attention_heads=heads[level], cross_attention_dim=cross[level], upcast_attention=c['upcast_attention'],
-                transformer_layers_per_block=tlayers[level], use_linear_projection=c['use_linear_projection'])
+    return dict(num_attention_heads=heads[level], cross_attention_dim=cross[level],
+                transformer_layers_per_block=tlayers[level], use_linear_projection=c['use_linear_projection'],
+                upcast_attention=c['upcast_attention'])
 
 # %% ../nbs/10_unet_condition.ipynb #deddcec6
 class UNet2DConditionModel(ModelMixin):
@@ -353,11 +358,13 @@ def slice_attention(model:nn.Module, slice_size):
         raise ValueError(f"slice_size has {len(sizes)} entries but the model has {len(heads)} attention layers")
     for s, h in zip(sizes, heads):
         if s is not None and not (isinstance(s, int) and 0 < s <= h):
-            raise ValueError(f"slice_size {s!r} has to be None, 'auto', 'max' or an int between 1 and the number of heads {h}")
+            raise ValueError(f"slice_size {s!r} has to be None, 'auto', 'max' or an int between 1 and the number of "
+                             f"heads {h}")
     for a, s in zip(attns, sizes): a.set_attention_slice(s)
 
 # %% ../nbs/10_unet_condition.ipynb #e521a722
 @patch
-def set_attention_slice(self:UNet2DConditionModel, slice_size): # "auto", "max", an int, a list (one per `Attention`), or None
+def set_attention_slice(self:UNet2DConditionModel,
+                        slice_size): # "auto", "max", an int, a list (one per `Attention`), or None
     "Compute attention a few (batch x head) maps at a time to save memory (`pipe.enable_attention_slicing()`)."
     slice_attention(self, slice_size)

@@ -40,7 +40,8 @@ class DownEncoderBlock2D(nn.Module):
 class UpDecoderBlock2D(nn.Module):
     "`num_layers` ResNet blocks without time embedding, then an optional nearest x2 upsampler with a conv."
     def __init__(self, in_channels:int, out_channels:int, dropout:float=0.0, num_layers:int=1, resnet_eps:float=1e-6,
-                 resnet_act_fn:str='swish', resnet_groups:int=32, output_scale_factor:float=1.0, add_upsample:bool=True):
+                 resnet_act_fn:str='swish', resnet_groups:int=32, output_scale_factor:float=1.0,
+                 add_upsample:bool=True):
         super().__init__()
         res = (None, resnet_eps, resnet_groups, dropout, 'default', resnet_act_fn, output_scale_factor)
         self.resnets = nn.ModuleList([resnet_block(in_channels if i == 0 else out_channels, out_channels, *res)
@@ -91,10 +92,11 @@ class Decoder(nn.Module):
         check_supported('Decoder', up_block_types=(up_block_types, ['UpDecoderBlock2D']))
         rev, n = list(block_out_channels)[::-1], len(block_out_channels)
         self.conv_in = nn.Conv2d(in_channels, rev[0], 3, padding=1)
+        self.up_blocks = nn.ModuleList()                    # registered before mid_block, as diffusers does
         self.mid_block = UNetMidBlock2D(rev[0], temb_channels=None, resnet_eps=1e-6, resnet_act_fn=act_fn,
                                         resnet_groups=norm_num_groups, attention_head_dim=rev[0],
                                         add_attention=mid_block_add_attention)
-        self.up_blocks, output_channel = nn.ModuleList(), rev[0]
+        output_channel = rev[0]
         for i in range(n):
             prev_output_channel, output_channel = output_channel, rev[i]
             self.up_blocks.append(UpDecoderBlock2D(prev_output_channel, output_channel, num_layers=layers_per_block + 1,
@@ -122,7 +124,8 @@ class DiagonalGaussianDistribution:
 
     def sample(self, generator=None): # a torch.Generator, or one per image
         "z = mean + std * eps, eps ~ N(0, I) drawn as diffusers draws it."
-        eps = randn_tensor(self.mean.shape, generator=generator, device=self.parameters.device, dtype=self.parameters.dtype)
+        eps = randn_tensor(self.mean.shape, generator=generator, device=self.parameters.device,
+                           dtype=self.parameters.dtype)
         return self.mean + self.std * eps
 
     def mode(self): return self.mean
@@ -137,7 +140,8 @@ class DiagonalGaussianDistribution:
     def nll(self, sample, dims=(1, 2, 3)): # sample: (B, latent, h, w)
         "Negative log-likelihood of `sample` under this Gaussian, summed over `dims`."
         if self.deterministic: return torch.Tensor([0.0])
-        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean) ** 2 / self.var, dim=list(dims))
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean) ** 2 / self.var,
+                               dim=list(dims))
 
 # %% ../nbs/14_vae.ipynb #7e2b645e
 @dataclass
@@ -176,7 +180,8 @@ class AutoencoderKL(ModelMixin):
                  mid_block_add_attention=True):
         super().__init__()
         if not len(down_block_types) == len(up_block_types) == len(block_out_channels):
-            raise ValueError("AutoencoderKL: down_block_types, up_block_types and block_out_channels must have the same length")
+            raise ValueError("AutoencoderKL: down_block_types, up_block_types and block_out_channels "
+                             "must have the same length")
         common = dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block, act_fn=act_fn,
                       norm_num_groups=norm_num_groups, mid_block_add_attention=mid_block_add_attention)
         self.encoder = Encoder(in_channels, latent_channels, down_block_types, double_z=True, **common)

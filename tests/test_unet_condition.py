@@ -10,7 +10,7 @@ from minidiff.unet_condition import UNet2DConditionModel
 
 ROOT = Path(__file__).parents[1]
 SD15 = json.loads((ROOT/'nbs'/'configs'/'runwayml_stable-diffusion-v1-5'/'unet'/'config.json').read_text())
-KEYS = ROOT/'tests'/'data'/'sd15_unet.keys.txt'   # copy of shared/reference/keys/sd15_unet_all_variants.keys.txt
+KEYS = ROOT/'tests'/'data'/'sd15_unet.keys.txt'   # keys of SD v1.5's unet/ weight files, all variants
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 # the notebook's checkpoint: the real config's keys, two small levels
