@@ -38,8 +38,8 @@ def test_seeded_init_equals_diffusers(name):
 
 
 def test_clip_text_model_keys_in_transformers_order():
-    "CLIPTextModel creates and registers its layers in transformers' order; its initial *values* differ, because
-    transformers re-draws every weight after construction (`CLIPPreTrainedModel._init_weights` in `post_init`)."
+    """CLIPTextModel creates and registers its layers in transformers' order; its initial *values* differ, because
+    transformers re-draws every weight after construction (`CLIPPreTrainedModel._init_weights` in `post_init`)."""
     import transformers
     cfg = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
     from minidiff.text_encoder import CLIPTextModel
