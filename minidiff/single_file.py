@@ -124,7 +124,9 @@ def load_original(model, part:str, state_dict:dict, # original keys, prefix incl
     if part == 'text_encoder': state_dict = text_encoder_keys(state_dict)
     back = {prefix + original_name(k, blocks): k for k in model.state_dict()}
     sd = {k: v.reshape(*v.shape, 1, 1) if CONV_1X1.search(k) and v.ndim == 2 else v for k, v in state_dict.items()}
-    check_state_dict(sd, {k: v.shape for k, v in to_original(model, part).items()}, source)
+    try: check_state_dict(sd, {k: v.shape for k, v in to_original(model, part).items()}, source)
+    except CheckpointError as e: raise CheckpointError(f"{e}\nThe {part} architecture came from `config` (SD v1.5's "
+                                                       "unless config= names a diffusers folder or dict for this model).") from None
     sd = {back[k]: v.flatten(1) if CONV_1X1.search(k) else v for k, v in sd.items()}   # (C, C, 1, 1) -> (C, C)
     return model.load_checked_state_dict(sd, source, dtype).eval()
 
