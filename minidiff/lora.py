@@ -87,7 +87,8 @@ def check_pair(name, layer, down, up) -> str|None:
     want_down = (n_in, *layer.kernel_size) if conv else (n_in,)
     r = down.shape[0]
     if tuple(down.shape[1:]) != want_down or tuple(up.shape) != ((n_out, r, 1, 1) if conv else (n_out, r)):
-        return f"{name}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit {type(layer).__name__} {n_in}->{n_out}"
+        kind = type(layer).__name__
+        return f"{name}: down {tuple(down.shape)}, up {tuple(up.shape)} do not fit a {kind} {n_in}->{n_out}"
 
 # %% ../nbs/51_lora.ipynb #61f602e4
 def metadata_alpha(meta:dict, part:str, name:str):
@@ -102,7 +103,8 @@ def read_lora(path) -> tuple:
     if path.is_dir(): path = path/'pytorch_lora_weights.safetensors'
     if not path.is_file(): raise FileNotFoundError(f"No LoRA file at {path}")
     sd = load_weights_file(path)
-    raw = read_safetensors_header(path).get('__metadata__', {}).get('lora_adapter_metadata') if path.suffix == '.safetensors' else None
+    header = read_safetensors_header(path) if path.suffix == '.safetensors' else {}
+    raw = header.get('__metadata__', {}).get('lora_adapter_metadata')
     return sd, json.loads(raw) if raw else {}
 
 # %% ../nbs/51_lora.ipynb #502c99ae
@@ -112,7 +114,7 @@ def match_lora(state_dict:dict, models:dict, metadata=None, source='the LoRA fil
     groups, unknown, bad = {}, [], []
     for k, v in state_dict.items():
         parsed = parse_lora_key(k)
-        if parsed is None or parsed[0] not in targets or parsed[1] not in targets[parsed[0]]: unknown.append(k); continue
+        if parsed is None or parsed[1] not in targets.get(parsed[0], {}): unknown.append(k); continue
         groups.setdefault(parsed[:2], {})[parsed[2]] = v
     out = []
     for (part, name), g in groups.items():
@@ -149,7 +151,8 @@ def load_lora_weights(self:StableDiffusionPipeline, pretrained_model_name_or_pat
     else: sd, meta = read_lora(Path(src)/weight_name if weight_name else src)
     names = self.get_active_adapters()
     adapter_name = adapter_name or f'default_{len(names)}'
-    if adapter_name in names: raise ValueError(f"adapter name {adapter_name!r} is already in use: pass another adapter_name")
+    if adapter_name in names:
+        raise ValueError(f"adapter name {adapter_name!r} is already in use: pass another adapter_name")
     found = match_lora(sd, {p: getattr(self, p, None) for p in LORA_PARTS}, meta, src)
     for part, layer, down, up, alpha in found:
         if not hasattr(layer, '_lora'): layer._lora = LoRALayer(layer)

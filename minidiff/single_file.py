@@ -24,20 +24,23 @@ __all__ = ['SD_V1_PREFIXES', 'TRAINING_STATE', 'OTHER_MODELS', 'UNET_TOP', 'UNET
            'part_config', 'single_file_tokenizer', 'model_from_single_file']
 
 # %% ../nbs/50_single_file.ipynb #1902b26e
-SD_V1_PREFIXES = {'unet': 'model.diffusion_model.', 'vae': 'first_stage_model.', 'text_encoder': 'cond_stage_model.transformer.'}
-TRAINING_STATE = re.compile(r'^(betas|alphas_cumprod(_prev)?|sqrt_(one_minus_)?alphas_cumprod|log_one_minus_alphas_cumprod'
+SD_V1_PREFIXES = {'unet': 'model.diffusion_model.', 'vae': 'first_stage_model.',
+                  'text_encoder': 'cond_stage_model.transformer.'}
+TRAINING_STATE = re.compile(r'^(betas|alphas_cumprod(_prev)?|sqrt_(one_minus_)?alphas_cumprod'
+                            r'|log_one_minus_alphas_cumprod'
                             r'|sqrt_recip(m1)?_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])'
                             r'|logvar|model_ema\.(decay|num_updates))$')
 OTHER_MODELS = {'conditioner.embedders.': 'an SDXL', 'cond_stage_model.model.': 'an SD 2.x (OpenCLIP text encoder)',
-                'model.diffusion_model.joint_blocks.': 'an SD3', 'double_blocks.': 'a Flux', 'control_model.': 'a ControlNet'}
+                'model.diffusion_model.joint_blocks.': 'an SD3', 'double_blocks.': 'a Flux',
+                'control_model.': 'a ControlNet'}
 
 def ema_name(key): # a `model.diffusion_model.*` key
     "The name of the key's moving average in a full file: `model_ema.` and the rest without dots."
     return 'model_ema.' + ''.join(key.split('.')[1:])
 
 # %% ../nbs/50_single_file.ipynb #35e51b75
-UNET_TOP = {'conv_in': 'input_blocks.0.0', 'time_embedding.linear_1': 'time_embed.0', 'time_embedding.linear_2': 'time_embed.2',
-            'conv_norm_out': 'out.0', 'conv_out': 'out.2'}
+UNET_TOP = {'conv_in': 'input_blocks.0.0', 'time_embedding.linear_1': 'time_embed.0',
+            'time_embedding.linear_2': 'time_embed.2', 'conv_norm_out': 'out.0', 'conv_out': 'out.2'}
 UNET_RESNET = {'norm1': 'in_layers.0', 'conv1': 'in_layers.2', 'time_emb_proj': 'emb_layers.1', 'norm2': 'out_layers.0',
                'conv2': 'out_layers.3', 'conv_shortcut': 'skip_connection'}
 
@@ -51,7 +54,8 @@ def unet_blocks(unet) -> dict:
             m[f'down_blocks.{i}.resnets.{j}'] = (f'input_blocks.{n}.0', UNET_RESNET)
             if hasattr(b, 'attentions'): m[f'down_blocks.{i}.attentions.{j}'] = (f'input_blocks.{n}.1', {})
             n += 1
-        if b.downsamplers is not None: m[f'down_blocks.{i}.downsamplers.0.conv'] = (f'input_blocks.{n}.0.op', {}); n += 1
+        if b.downsamplers is not None:                                  # an entry of its own
+            m[f'down_blocks.{i}.downsamplers.0.conv'] = (f'input_blocks.{n}.0.op', {}); n += 1
     mid = unet.mid_block
     for j in range(len(mid.resnets) if mid is not None else 0):
         m[f'mid_block.resnets.{j}'] = (f'middle_block.{2 * j}', UNET_RESNET)
@@ -63,7 +67,8 @@ def unet_blocks(unet) -> dict:
             m[f'up_blocks.{i}.resnets.{j}'] = (f'output_blocks.{n}.0', UNET_RESNET)
             if attn: m[f'up_blocks.{i}.attentions.{j}'] = (f'output_blocks.{n}.1', {})
             n += 1
-        if b.upsamplers is not None: m[f'up_blocks.{i}.upsamplers.0.conv'] = (f'output_blocks.{n - 1}.{2 if attn else 1}.conv', {})
+        if b.upsamplers is not None:                                    # in the level's last entry
+            m[f'up_blocks.{i}.upsamplers.0.conv'] = (f'output_blocks.{n - 1}.{2 if attn else 1}.conv', {})
     return m
 
 # %% ../nbs/50_single_file.ipynb #74b63bb0
@@ -88,12 +93,15 @@ def vae_blocks(vae) -> dict:
     "diffusers module path -> (original module path, renames inside it), for every block of `vae`."
     m = {f'{p}.conv_norm_out': (f'{p}.norm_out', {}) for p in ('encoder', 'decoder')}
     for i, b in enumerate(vae.encoder.down_blocks):
-        for j in range(len(b.resnets)): m[f'encoder.down_blocks.{i}.resnets.{j}'] = (f'encoder.down.{i}.block.{j}', VAE_RESNET)
-        if b.downsamplers is not None: m[f'encoder.down_blocks.{i}.downsamplers.0'] = (f'encoder.down.{i}.downsample', {})
+        for j in range(len(b.resnets)):
+            m[f'encoder.down_blocks.{i}.resnets.{j}'] = (f'encoder.down.{i}.block.{j}', VAE_RESNET)
+        if b.downsamplers is not None:
+            m[f'encoder.down_blocks.{i}.downsamplers.0'] = (f'encoder.down.{i}.downsample', {})
     ups = vae.decoder.up_blocks
     for i, b in enumerate(ups):
         k = len(ups) - 1 - i                                            # counted from the lowest resolution
-        for j in range(len(b.resnets)): m[f'decoder.up_blocks.{i}.resnets.{j}'] = (f'decoder.up.{k}.block.{j}', VAE_RESNET)
+        for j in range(len(b.resnets)):
+            m[f'decoder.up_blocks.{i}.resnets.{j}'] = (f'decoder.up.{k}.block.{j}', VAE_RESNET)
         if b.upsamplers is not None: m[f'decoder.up_blocks.{i}.upsamplers.0'] = (f'decoder.up.{k}.upsample', {})
     for p in ('encoder', 'decoder'):
         mid = getattr(vae, p).mid_block
@@ -112,7 +120,7 @@ def to_original(model, part:str) -> dict: # part: 'unet', 'vae' or 'text_encoder
 
 # %% ../nbs/50_single_file.ipynb #da009e10
 def text_encoder_keys(sd:dict) -> dict:
-    "Text-encoder keys as older files store them too: without the `text_model.` level; the `position_ids` buffer dropped."
+    "Text-encoder keys also as older files store them (no `text_model.` level); the `position_ids` buffer dropped."
     pre = SD_V1_PREFIXES['text_encoder']
     sd = {k if k.startswith(pre + 'text_model.') else pre + 'text_model.' + k[len(pre):]: v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if not k.endswith('.embeddings.position_ids')}
@@ -125,8 +133,9 @@ def load_original(model, part:str, state_dict:dict, # original keys, prefix incl
     back = {prefix + original_name(k, blocks): k for k in model.state_dict()}
     sd = {k: v.reshape(*v.shape, 1, 1) if CONV_1X1.search(k) and v.ndim == 2 else v for k, v in state_dict.items()}
     try: check_state_dict(sd, {k: v.shape for k, v in to_original(model, part).items()}, source)
-    except CheckpointError as e: raise CheckpointError(f"{e}\nThe {part} architecture came from `config` (SD v1.5's "
-                                                       "unless config= names a diffusers folder or dict for this model).") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\nThe {part} architecture came from `config` (SD v1.5's "
+                              "unless config= names a diffusers folder or dict for this model).") from None
     sd = {back[k]: v.flatten(1) if CONV_1X1.search(k) else v for k, v in sd.items()}   # (C, C, 1, 1) -> (C, C)
     return model.load_checked_state_dict(sd, source, dtype).eval()
 
@@ -134,7 +143,8 @@ def load_original(model, part:str, state_dict:dict, # original keys, prefix incl
 def read_checkpoint(path) -> dict:
     "State dict of a single file: `.safetensors`, or a `.ckpt` read with `weights_only=True` and unwrapped."
     path = Path(path)
-    if not path.is_file(): raise CheckpointNotFoundError(f"No single-file checkpoint at {path}: pass the path of a .safetensors or .ckpt file")
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"No single-file checkpoint at {path}: pass a .safetensors or .ckpt file")
     sd = load_weights_file(path)
     while isinstance(sd, dict) and isinstance(sd.get('state_dict'), dict): sd = sd['state_dict']
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -146,7 +156,8 @@ def split_checkpoint(sd:dict, source, parts=tuple(SD_V1_PREFIXES), extract_ema=F
     "{part: its original keys and tensors} of an SD v1.x file; other model families and unknown keys raise."
     for marker, family in OTHER_MODELS.items():
         if (k := next((k for k in sd if k.startswith(marker)), None)):
-            raise CheckpointError(f"{source} is {family} checkpoint (it has keys like {k!r}), not Stable Diffusion v1.x")
+            raise CheckpointError(f"{source} is {family} checkpoint (it has keys like {k!r}), "
+                                  "not Stable Diffusion v1.x")
     out = {p: {k: v for k, v in sd.items() if k.startswith(SD_V1_PREFIXES[p])} for p in parts}
     if (empty := [SD_V1_PREFIXES[p] for p in parts if not out[p]]):
         raise CheckpointError(f"{source} is not a Stable Diffusion v1.x single file: no keys start with {empty}")
@@ -162,7 +173,8 @@ def split_checkpoint(sd:dict, source, parts=tuple(SD_V1_PREFIXES), extract_ema=F
 # %% ../nbs/50_single_file.ipynb #069f1af3
 SD15_CONFIG = dict(   # unet/, vae/, text_encoder/config.json and scheduler/scheduler_config.json of SD v1.5 on the Hub
     unet=dict(act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
-              cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], downsample_padding=1,
+              cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+              downsample_padding=1,
               flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
               norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
               up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3),
@@ -179,7 +191,7 @@ PART_CLASSES = {'unet': UNet2DConditionModel, 'vae': AutoencoderKL, 'text_encode
 
 # %% ../nbs/50_single_file.ipynb #75f510de
 def part_config(part:str, config=None, name='config.json') -> dict:
-    "The config of one part: SD v1.5's, a dict, or read from a diffusers folder/repo (its `part/` subfolder, else its root)."
+    "The config of one part: SD v1.5's, a dict, or from a diffusers folder/repo (its `part/` subfolder, else its root)."
     if config is None: return SD15_CONFIG[part]
     if isinstance(config, dict): return config
     sub = part if resolve_file(config, name, part, required=False) is not None else None
@@ -187,7 +199,8 @@ def part_config(part:str, config=None, name='config.json') -> dict:
 
 def single_file_tokenizer(config=None) -> CLIPTokenizer:
     "The tokenizer of the `config` folder/repo when it has one, else CLIP's from OpenAI's BPE file."
-    if config is not None and not isinstance(config, dict) and resolve_file(config, 'vocab.json', 'tokenizer', required=False):
+    folder = config is not None and not isinstance(config, dict)
+    if folder and resolve_file(config, 'vocab.json', 'tokenizer', required=False):
         return CLIPTokenizer.from_pretrained(config, subfolder='tokenizer')
     return CLIPTokenizer.from_bpe_file()
 
@@ -197,7 +210,7 @@ def model_from_single_file(cls, pretrained_model_link_or_path, *, config=None, t
     "Load one model (UNet, VAE or text encoder) from an SD v1.x single file."
     part = next(p for p, c in PART_CLASSES.items() if issubclass(cls, c))
     path = pretrained_model_link_or_path
-    sd = _state_dict if _state_dict is not None else split_checkpoint(read_checkpoint(path), path, (part,), extract_ema)[part]
+    if (sd := _state_dict) is None: sd = split_checkpoint(read_checkpoint(path), path, (part,), extract_ema)[part]
     with torch.device('meta'): model = cls.from_config(part_config(part, config))
     return load_original(model, part, sd, path, torch_dtype)
 
@@ -207,11 +220,13 @@ for _cls in PART_CLASSES.values(): _cls.from_single_file = classmethod(model_fro
 @patch(cls_method=True)
 def from_single_file(cls:StableDiffusionPipeline, pretrained_model_link_or_path, *, config=None, torch_dtype=None,
                      extract_ema=False, **parts):
-    "A pipeline from an SD v1.x single file (`.safetensors`, or `.ckpt`); `config`: a diffusers folder/repo for other sizes."
+    "A pipeline from an SD v1.x single file (`.safetensors`/`.ckpt`); `config`: diffusers folder/repo for other sizes."
     path = pretrained_model_link_or_path
     todo = [p for p in PART_CLASSES if parts.get(p) is None]
     sd = split_checkpoint(read_checkpoint(path), path, tuple(todo), extract_ema) if todo else {}
-    for p in todo: parts[p] = model_from_single_file(PART_CLASSES[p], path, config=config, torch_dtype=torch_dtype, _state_dict=sd[p])
+    for p in todo:
+        parts[p] = model_from_single_file(PART_CLASSES[p], path, config=config, torch_dtype=torch_dtype,
+                                          _state_dict=sd[p])
     if parts.get('tokenizer') is None: parts['tokenizer'] = single_file_tokenizer(config)
     if parts.get('scheduler') is None:
         parts['scheduler'] = PNDMScheduler.from_config(part_config('scheduler', config, 'scheduler_config.json'))
