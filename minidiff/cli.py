@@ -25,9 +25,9 @@ from .unipc import UniPCMultistepScheduler
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'SCHEDULER_ALIASES', 'DTYPES', 'GENERATE_EXAMPLES', 'DDPM_EXAMPLES', 'scheduler_name', 'UsageError',
-           'Parser', 'positive_int', 'image_size', 'check_writable', 'pick_device', 'load_pipeline', 'grid_shape',
-           'generate', 'read_prompts', 'dist_env', 'my_share', 'generate_many', 'run_distributed', 'build_parser',
-           'run_generate', 'run_ddpm', 'main']
+           'Parser', 'positive_int', 'seed_int', 'image_size', 'check_writable', 'pick_device', 'load_pipeline',
+           'grid_shape', 'generate', 'read_prompts', 'dist_env', 'my_share', 'generate_many', 'run_distributed',
+           'build_parser', 'run_generate', 'run_ddpm', 'main']
 
 # %% ../nbs/90_cli.ipynb #99c9b741
 SCHEDULERS = {'ddpm': DDPMScheduler, 'ddim': DDIMScheduler, 'pndm': PNDMScheduler, 'lms': LMSDiscreteScheduler,
@@ -59,6 +59,12 @@ def positive_int(s: str) -> int:
     "argparse type: an integer >= 1."
     if not s.strip().lstrip('+').isdigit() or int(s) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s!r}")
+    return int(s)
+
+def seed_int(s: str) -> int:
+    "argparse type: a seed from 0 to 2**63 - 1 (image k is seeded seed + k, which must fit torch's 64 bits)."
+    if not s.strip().lstrip('+').isdigit() or int(s) >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1, got {s!r}")
     return int(s)
 
 def image_size(s: str) -> int:
@@ -184,12 +190,13 @@ def _model_args(p, what, steps):
     m.add_argument('--device', default='auto', help='cpu, cuda, cuda:1, mps, or auto: CUDA if present (default: auto)')
     s = p.add_argument_group('sampling')
     s.add_argument('--steps', type=positive_int, default=steps, help='sampling steps (default: %(default)s)')
-    s.add_argument('--seed', type=int, default=0, help='image k is seeded seed + k (default: %(default)s)')
+    s.add_argument('--seed', type=seed_int, default=0, help='image k is seeded seed + k (default: %(default)s)')
     p.add_argument('-q', '--quiet', '--no-progress', action='store_true', help='no progress bar')
     return s
 
 # %% ../nbs/90_cli.ipynb #81956c94
 def _generate_parser(sub):
+    "The `generate` job's options: one prompt (or a prompts file), model, sampling."
     g = sub.add_parser('generate', help='text to image with Stable Diffusion (default: the shipped micro SD)',
                        description='Draw images of a prompt with a Stable Diffusion v1.x pipeline; write them as PNG.',
                        epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +218,7 @@ def _generate_parser(sub):
 
 # %% ../nbs/90_cli.ipynb #3313d607
 def _ddpm_parser(sub):
+    "The `ddpm` job's options: how many images, model, sampling."
     d = sub.add_parser('ddpm', help='unconditional DDPM sampling (default: the shipped micro DDPM)',
                        description='Draw images from noise with a DDPMPipeline; write them as one PNG grid.',
                        epilog=DDPM_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -135,6 +135,8 @@ def bad_cases(tmp):
         "negative steps": (["generate", "x", "--steps", "-3"], "--steps"),
         "steps not a number": (["generate", "x", "--steps", "many"], "--steps"),
         "zero images": (["generate", "x", "--num-images", "0"], "--num-images"),
+        "negative seed": (["generate", "x", "--seed", "-1"], "--seed"),
+        "seed too large": (["generate", "x", "--seed", str(2**64)], "--seed"),
         "guidance not a number": (["generate", "x", "--guidance", "high"], "--guidance"),
         "unknown dtype": (["generate", "x", "--dtype", "float64"], "--dtype"),
         "unknown device": (["generate", "x", "--device", "gpu7"], "--device"),
