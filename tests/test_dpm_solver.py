@@ -147,3 +147,15 @@ def test_full_grid(cfg):
             for karras in [False, True]:
                 for n in STEPS + [100, 999]:
                     check_loop(*pair(cfg, prediction_type=pred, timestep_spacing=spacing, use_karras_sigmas=karras), n)
+
+
+def test_bad_input_messages():
+    "Moved from nbs/19_dpm_solver: what cannot run raises when built or stepped, with the value named."
+    for kw, msg in [(dict(algorithm_type='unipc'), "algorithm_type 'unipc'"),
+                    (dict(algorithm_type='dpmsolver'), "use 'sigma_min'"),
+                    (dict(prediction_type='x0'), "prediction_type 'x0'"),
+                    (dict(beta_schedule='cosine'), "beta_schedule 'cosine'")]:
+        with pytest.raises(ValueError, match=msg): DPMSolverMultistepScheduler(**kw)
+    s = DPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), 999, torch.zeros(1))
+    with pytest.raises(ValueError, match='num_inference_steps=1001'): s.set_timesteps(1001)

@@ -143,3 +143,17 @@ def test_full_grid(ours, ref):
                 for n in STEPS + [100, 1000]:
                     kw = dict(prediction_type=pred, timestep_spacing=spacing)
                     check_loop(ours.from_config(cfg, **kw), ref.from_config(cfg, **kw), n)
+
+
+def test_bad_input_messages():
+    "Moved from nbs/18_euler: unknown config values, stepping before set_timesteps, a bad step count."
+    for make, msg in [(lambda: EulerDiscreteScheduler(beta_schedule='cosine'), "beta_schedule 'cosine'"),
+                      (lambda: EulerDiscreteScheduler(prediction_type='flow'), "prediction_type 'flow'"),
+                      (lambda: EulerAncestralDiscreteScheduler(prediction_type='sample'), "prediction_type 'sample'"),
+                      (lambda: EulerDiscreteScheduler(timestep_spacing='even'), "timestep_spacing 'even'")]:
+        with pytest.raises(ValueError, match=msg): make()
+    s = EulerDiscreteScheduler()
+    with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), torch.tensor(999.), torch.zeros(1))
+    with pytest.raises(ValueError, match='num_inference_steps=0'): s.set_timesteps(0)
+    s.set_timesteps(2)
+    with pytest.raises(ValueError, match='integer timestep 0'): s.step(torch.zeros(1), 0, torch.zeros(1))

@@ -193,3 +193,13 @@ def test_init_noise_sigma_by_spacing(tmp_path):
     ours.save_pretrained(tmp_path)
     assert LMSDiscreteScheduler.from_pretrained(tmp_path).config.timestep_spacing == 'trailing'
     assert LMSDiscreteScheduler in ours.compatibles and np.isclose(float(pair(SD, 25)[0].init_noise_sigma), 14.6146, atol=1e-4)
+
+
+def test_sd_config_sigmas_scaling_and_add_noise():
+    "Moved from nbs/17_lms: the final sigma, the input scaling and the forward process with SD's config."
+    lms = LMSDiscreteScheduler.from_config(SD)
+    lms.set_timesteps(25)
+    assert len(lms.sigmas) == 26 and lms.sigmas[-1] == 0
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lms.scale_model_input(x, lms.timesteps[0]), x / (lms.sigmas[0] ** 2 + 1).sqrt())
+    torch.testing.assert_close(lms.add_noise(torch.zeros(1), torch.ones(1), lms.timesteps[:1]), lms.sigmas[:1])

@@ -160,3 +160,23 @@ def test_step_after_last_timestep():
     for t in s.timesteps: x = s.step(toy_model_fn(x, t), t, x).prev_sample
     with pytest.raises(ValueError, match="all 2 steps are done: call set_timesteps"): s.step(x, 0, x)
     s.set_timesteps(2); s.step(toy_model_fn(x, 999), 999, x)
+
+
+def test_unipc_schedule_errors_and_index():
+    "Moved from nbs/11_unipc: the schedule's step-count error and the index of a timestep."
+    from minidiff.unipc import unipc_schedule
+    from minidiff.schedule import train_schedule
+    cfg = dict(num_train_timesteps=1000, use_karras_sigmas=False, timestep_spacing='linspace', steps_offset=1,
+               final_sigmas_type='zero')
+    ac = train_schedule(1000, 0.00085, 0.012, 'scaled_linear')[1]
+    with pytest.raises(ValueError, match="num_inference_steps=1001 must be between 1 and num_train_timesteps=1000"):
+        unipc_schedule(ac, 1001, cfg)
+    s = UniPCMultistepScheduler.from_config(SD)
+    s.set_timesteps(25)
+    assert s.index_for_timestep(959) == 1 and s.index_for_timestep(3) == 24   # missing: the last step
+
+
+def test_threshold_in_x0_space():
+    from minidiff.schedule import threshold_sample
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert threshold_sample(x0 * 5, 0.995, 1.0).abs().max().item() == pytest.approx(1.0)
