@@ -33,7 +33,7 @@ from .unet_condition import UNet2DConditionModel
 from .guidance import classifier_free_guidance
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
 from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput, save_tiny_sd
-from .gallery import swap_scheduler, compare_schedulers
+from .scheduler_gallery import swap_scheduler, compare_schedulers
 
 # %% ../nbs/99_init.ipynb #9f68c753
 _all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid', 'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput', 'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers']

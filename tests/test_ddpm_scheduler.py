@@ -219,3 +219,39 @@ def test_add_noise_errors():
 def test_full_size_1000_steps_batch(kw):
     sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert_loops_match({**CAT, **kw}, 1000, sample=sample)
+
+# --- moved from nbs/03_ddpm_scheduler: spacings, bad step counts and timesteps, variance names ------------
+
+def test_notebook_timesteps_and_errors():
+    test = DDPMScheduler
+    assert ddpm_timesteps(25)[[0, -1]].tolist() == [960, 0] and ddpm_timesteps(1000)[[0, -1]].tolist() == [999, 0]
+    assert ddpm_timesteps(50, timestep_spacing='trailing')[[0, -1]].tolist() == [999, 19]
+    assert ddpm_timesteps(4, timestep_spacing='linspace').tolist() == [999, 666, 333, 0]
+    with pytest.raises(ValueError, match="unknown timestep_spacing 'uniform'"): ddpm_timesteps(10, timestep_spacing='uniform')
+    s = test()
+    assert len(s) == 1000 and s.timesteps[[0, -1]].tolist() == [999, 0]
+    s.set_timesteps(50)
+    assert s.timesteps[:3].tolist() == [980, 960, 940] and s.timesteps.dtype == torch.int64
+    for n, msg in [(1001, 'num_inference_steps=1001'), (0, 'num_inference_steps=0')]:
+        with pytest.raises(ValueError, match=msg): s.set_timesteps(n)
+    with pytest.raises(TypeError, match='must be an int'): s.set_timesteps(50.0)
+    assert len(s.timesteps) == 50                       # a refused call leaves the schedule as it was
+    with pytest.raises(ValueError, match='timestep 981 is not one'): s.previous_timestep(981)
+    with pytest.raises(ValueError, match='descending'): s.set_timesteps(timesteps=[5, 10])
+    with pytest.raises(ValueError, match="unknown variance_type 'small'"): test(variance_type='small')
+
+
+def test_notebook_prediction_and_variance_errors():
+    from minidiff.ddpm_scheduler import predict_original_sample, posterior_std
+    ab = DDPMScheduler().alphas_cumprod
+    with pytest.raises(ValueError, match="unknown prediction_type 'noise'"):
+        predict_original_sample(torch.zeros(1), torch.zeros(1), ab[600], 'noise')
+    with pytest.raises(ValueError, match="unknown variance_type 'tiny'"): posterior_std(ab[5], ab[4], 'tiny')
+
+
+def test_fixed_large_variance_never_nan():
+    "beta_t = 1 - alpha_bar_t / alpha_bar_prev is clamped at 0: equal alpha_bars give no noise, not NaN."
+    from minidiff.ddpm_scheduler import posterior_std
+    ab = torch.tensor(0.5)
+    prev = torch.nextafter(ab, torch.tensor(0.0))                    # one float32 below: the ratio is just above 1
+    assert 1 - ab / prev < 0 and posterior_std(ab, prev, 'fixed_large') == 0

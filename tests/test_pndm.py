@@ -137,3 +137,13 @@ def test_low_and_high_precision_parity(dtype, skip_prk_steps):
 def test_worst_parity_error_report():
     if WORST: print(f"\nPNDM worst |ours - diffusers| over {len(WORST)} loops: {max(WORST.values()):.3e}")
 
+
+
+def test_notebook_timesteps_and_errors():
+    "Moved from nbs/12_pndm: base and PLMS timesteps, and the spacing error."
+    from minidiff.pndm import pndm_timesteps, pndm_step_timesteps
+    base = pndm_timesteps(50, steps_offset=1)
+    assert base[[0, 1, -1]].tolist() == [1, 21, 981]
+    assert pndm_step_timesteps(pndm_timesteps(3, steps_offset=1), 3)[1].tolist() == [667, 334, 334, 1]
+    assert pndm_step_timesteps(pndm_timesteps(10), 10, skip_prk_steps=False)[1][0] == 600
+    with pytest.raises(ValueError, match="timestep_spacing 'even'"): pndm_timesteps(5, timestep_spacing='even')

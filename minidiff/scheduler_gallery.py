@@ -7,13 +7,6 @@ from __future__ import annotations
 import time
 import torch
 from .core import _REGISTRY
-from .ddpm_scheduler import DDPMScheduler
-from .ddim import DDIMScheduler
-from .pndm import PNDMScheduler
-from .lms import LMSDiscreteScheduler
-from .euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
-from .dpm_solver import DPMSolverMultistepScheduler
-from .unipc import UniPCMultistepScheduler
 
 # %% auto #0
 __all__ = ['GALLERY_STEPS', 'swap_scheduler', 'compare_schedulers']
