@@ -20,7 +20,8 @@ def predict_x0_eps(model_output, sample, # (B, C, H, W) model output and x_t
     "`(x0_pred, eps)` from a model trained to predict `epsilon`, `sample` (x0) or `v_prediction`."
     x0_pred = predict_original_sample(model_output, sample, alpha_bar_t, prediction_type)
     if prediction_type == 'epsilon': return x0_pred, model_output
-    if prediction_type == 'sample': return x0_pred, (sample - alpha_bar_t ** 0.5 * model_output) / (1 - alpha_bar_t) ** 0.5
+    if prediction_type == 'sample':
+        return x0_pred, (sample - alpha_bar_t ** 0.5 * model_output) / (1 - alpha_bar_t) ** 0.5
     return x0_pred, alpha_bar_t ** 0.5 * model_output + (1 - alpha_bar_t) ** 0.5 * sample
 
 # %% ../nbs/16_ddim.ipynb #14c07014

@@ -159,7 +159,8 @@ def step(self: DDPMScheduler, model_output:torch.Tensor, # (B, C, H, W), or (B, 
     prev_sample = posterior_mean(x0_pred, sample, alpha_bar_t, alpha_bar_prev)
     if t > 0:
         z = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        prev_sample = prev_sample + posterior_std(alpha_bar_t, alpha_bar_prev, self.variance_type, predicted_variance) * z
+        std = posterior_std(alpha_bar_t, alpha_bar_prev, self.variance_type, predicted_variance)
+        prev_sample = prev_sample + std * z
     if not return_dict: return (prev_sample, x0_pred)
     return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
 

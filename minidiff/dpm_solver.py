@@ -71,7 +71,8 @@ def dpm_third_order_update(sample, ms, # sample at s0; [.., m2, m1, m0]: model o
             - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2)
 
 # %% ../nbs/19_dpm_solver.ipynb #1d59e4bd
-_UNSUPPORTED = ('use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting')
+_UNSUPPORTED = ('use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas',
+                'use_dynamic_shifting')
 
 def _check_dpm_config(s):
     "Check `s.config` as diffusers does; rename DEIS's and UniPC's settings to their DPM-Solver equivalents."

@@ -50,7 +50,8 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         if timestep_type == 'continuous' and prediction_type == 'v_prediction':
             self.timesteps = 0.25 * sigmas.log()  # EDM's c_noise
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
-        self.num_inference_steps, self.is_scale_input_called, self._step_index, self._begin_index = None, False, None, None
+        self.num_inference_steps, self.is_scale_input_called = None, False
+        self._step_index = self._begin_index = None
     def __len__(self): return self.config.num_train_timesteps
 
 # %% ../nbs/18_euler.ipynb #70b78bcd
@@ -86,7 +87,8 @@ def step(self: EulerDiscreteScheduler, model_output, timestep, sample, s_churn=0
     gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
     if gamma > 0:
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
         sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2).clamp(min=0) ** 0.5
     x0_pred = sigma_x0_pred(model_output, sample, sigma, self.config.prediction_type, sigma_hat)
     derivative = (sample - x0_pred) / sigma_hat  # dx/dsigma
@@ -110,7 +112,8 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         self.sigmas = torch.from_numpy(np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy())
-        self.num_inference_steps, self.is_scale_input_called, self._step_index, self._begin_index = None, False, None, None
+        self.num_inference_steps, self.is_scale_input_called = None, False
+        self._step_index = self._begin_index = None
 
     def set_timesteps(self, num_inference_steps, device=None):
         "Choose the `num_inference_steps` sampling timesteps and their interpolated sigmas (plus a final 0)."

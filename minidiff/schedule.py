@@ -145,7 +145,7 @@ def convert_model_output(model_output, sample, # (B, ...) model output and VP sa
 def sigma_x0_pred(model_output, sample, # (B, C, H, W) model output and VE sample x = x_0 + sigma * eps
                   sigma, prediction_type='epsilon',
                   sigma_hat=None): # the level an epsilon model was evaluated at, if not `sigma` (Euler's churn)
-    "The denoiser `D(x; sigma)`: predicted x_0 in sigma coordinates from an `epsilon`, `v_prediction` or `sample` model."
+    "The denoiser `D(x; sigma)`: x_0 predicted in sigma coordinates from an `epsilon`, `v_prediction` or `sample` model."
     if prediction_type == 'epsilon': return sample - (sigma if sigma_hat is None else sigma_hat) * model_output
     if prediction_type == 'v_prediction':
         return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)

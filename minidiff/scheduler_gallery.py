@@ -24,7 +24,8 @@ def swap_scheduler(pipe, # a pipeline with a `.scheduler`
 
 # %% ../nbs/20_scheduler_gallery.ipynb #660532f9
 GALLERY_STEPS = {'PNDMScheduler': 50, 'DDIMScheduler': 50, 'LMSDiscreteScheduler': 50, 'EulerDiscreteScheduler': 30,
-                 'EulerAncestralDiscreteScheduler': 30, 'DPMSolverMultistepScheduler': 20, 'UniPCMultistepScheduler': 20}
+                 'EulerAncestralDiscreteScheduler': 30, 'DPMSolverMultistepScheduler': 20,
+                 'UniPCMultistepScheduler': 20}
 
 def compare_schedulers(pipe, # a text-to-image pipeline
                        prompt, # the prompt for every scheduler

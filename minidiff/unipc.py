@@ -101,10 +101,10 @@ class UniPCMultistepScheduler(StepIndexMixin, SchedulerMixin):
                  use_dynamic_shifting=False, time_shift_type='exponential', sigma_min=None, sigma_max=None,
                  shift_terminal=None):
         if solver_type in ('midpoint', 'heun', 'logrho'): self.register_to_config(solver_type='bh2')  # DPM-Solver's
-        elif solver_type not in ('bh1', 'bh2'): raise ValueError(f"unknown solver_type {solver_type!r}: use 'bh1' or 'bh2'")
+        else: check_choice('solver_type', solver_type, ('bh1', 'bh2'))
         _check_unipc_config(self.config)
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
-                                                         trained_betas, rescale_betas_zero_snr)  # zero SNR: lambda finite
+                                                         trained_betas, rescale_betas_zero_snr)  # lambda stays finite
         self.alphas = 1.0 - self.betas
         self.alpha_t, self.sigma_t = torch.sqrt(self.alphas_cumprod), torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
