@@ -33,7 +33,7 @@ from .unet_condition import UNet2DConditionModel
 from .guidance import classifier_free_guidance
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
 from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput, save_tiny_sd
-from .gallery import swap_scheduler, compare_schedulers
+from .scheduler_gallery import swap_scheduler, compare_schedulers
 from .single_file import SD15_CONFIG  # adds from_single_file / save_single_file
 from .lora import LoRALayer  # adds load_lora_weights, fuse_lora, unfuse_lora, unload_lora_weights
 

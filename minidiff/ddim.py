@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import torch
-from .core import randn_tensor, register_to_config
+from .core import randn_tensor, register_to_config, patch
 from .ddpm_scheduler import predict_original_sample
 from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS,
                                PREDICTION_TYPES, check_choice, threshold_sample, spaced_timesteps)
@@ -20,26 +20,27 @@ def predict_x0_eps(model_output, sample, # (B, C, H, W) model output and x_t
     "`(x0_pred, eps)` from a model trained to predict `epsilon`, `sample` (x0) or `v_prediction`."
     x0_pred = predict_original_sample(model_output, sample, alpha_bar_t, prediction_type)
     if prediction_type == 'epsilon': return x0_pred, model_output
-    if prediction_type == 'sample': return x0_pred, (sample - alpha_bar_t ** 0.5 * model_output) / (1 - alpha_bar_t) ** 0.5
+    if prediction_type == 'sample':
+        return x0_pred, (sample - alpha_bar_t ** 0.5 * model_output) / (1 - alpha_bar_t) ** 0.5
     return x0_pred, alpha_bar_t ** 0.5 * model_output + (1 - alpha_bar_t) ** 0.5 * sample
 
 # %% ../nbs/16_ddim.ipynb #14c07014
 def ddim_variance(alpha_bar_t, alpha_bar_prev):
-    "sigma_t^2 / eta^2 of DDIM's eq. 16: the DDPM posterior variance between the two timesteps."
-    return (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+    "sigma_t^2 / eta^2 of DDIM's eq. 16: the DDPM posterior variance between the two timesteps (never below 0)."
+    return ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).clamp(min=0)
 
 # %% ../nbs/16_ddim.ipynb #803db454
 class DDIMScheduler(SchedulerMixin):
     "DDIM (Song et al. 2021): DDPM's noise schedule, sampled with the non-Markovian update of eq. 12."
     @register_to_config
-    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
-                 clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type='epsilon', thresholding=False,
-                 dynamic_thresholding_ratio=0.995, clip_sample_range=1.0, sample_max_value=1.0,
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                 trained_betas=None, clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type='epsilon',
+                 thresholding=False, dynamic_thresholding_ratio=0.995, clip_sample_range=1.0, sample_max_value=1.0,
                  timestep_spacing='leading', rescale_betas_zero_snr=False):
         check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                                         rescale_betas_zero_snr, terminal_alpha_bar=None)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                         trained_betas, rescale_betas_zero_snr, terminal_alpha_bar=None)
         self.alphas = 1.0 - self.betas
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma, self.num_inference_steps = 1.0, None
@@ -53,38 +54,44 @@ class DDIMScheduler(SchedulerMixin):
         self.num_inference_steps = num_inference_steps
 
     def scale_model_input(self, sample, timestep=None): return sample  # DDIM feeds x_t to the model unscaled
-
-    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
-             variance_noise=None, return_dict=True):
-        "One DDIM update x_t -> x_{t - T//n} (eq. 12), with noise of std `eta * sigma_t`."
-        c = self.config
-        if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step")
-        if not 0 <= int(timestep) < c.num_train_timesteps:
-            raise ValueError(f"timestep {int(timestep)} is outside [0, {c.num_train_timesteps})")
-        if eta > 0 and variance_noise is not None and generator is not None:
-            raise ValueError("pass either generator or variance_noise to step, not both")
-        prev_t = timestep - c.num_train_timesteps // self.num_inference_steps
-        alpha_bar_t = self.alphas_cumprod[timestep]
-        alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        x0_pred, eps = predict_x0_eps(model_output, sample, alpha_bar_t, c.prediction_type)
-        if c.thresholding: x0_pred = threshold_sample(x0_pred, c.dynamic_thresholding_ratio, c.sample_max_value)
-        elif c.clip_sample: x0_pred = x0_pred.clamp(-c.clip_sample_range, c.clip_sample_range)
-        if use_clipped_model_output: eps = (sample - alpha_bar_t ** 0.5 * x0_pred) / (1 - alpha_bar_t) ** 0.5
-        sigma_t = eta * ddim_variance(alpha_bar_t, alpha_bar_prev) ** 0.5
-        prev_sample = alpha_bar_prev ** 0.5 * x0_pred + (1 - alpha_bar_prev - sigma_t ** 2) ** 0.5 * eps
-        if eta > 0:
-            if variance_noise is None:
-                variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                              dtype=model_output.dtype)
-            prev_sample = prev_sample + sigma_t * variance_noise
-        if not return_dict: return (prev_sample, x0_pred)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
-    def add_noise(self, original_samples, noise, timesteps): # (B, C, H, W) x_0, (B, C, H, W) eps, (B,) integer t
-        "Forward-diffuse `original_samples` to `timesteps` (DDPM eq. 4)."
-        x = original_samples
-        alpha_bar = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)[torch.as_tensor(timesteps, device=x.device)]
-        alpha_bar = alpha_bar.flatten().reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
-        return alpha_bar ** 0.5 * x + (1 - alpha_bar) ** 0.5 * noise
-
     def __len__(self): return self.config.num_train_timesteps
+
+# %% ../nbs/16_ddim.ipynb #882e0af0
+@patch
+def step(self: DDIMScheduler, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False,
+         generator=None, variance_noise=None, return_dict=True):
+    "One DDIM update x_t -> x_{t - T//n} (eq. 12), with noise of std `eta * sigma_t`."
+    c = self.config
+    if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step")
+    if not 0 <= int(timestep) < c.num_train_timesteps:
+        raise ValueError(f"timestep {int(timestep)} is outside [0, {c.num_train_timesteps})")
+    if eta > 0 and variance_noise is not None and generator is not None:
+        raise ValueError("pass either generator or variance_noise to step, not both")
+    prev_t = timestep - c.num_train_timesteps // self.num_inference_steps
+    alpha_bar_t = self.alphas_cumprod[timestep]
+    alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+    x0_pred, eps = predict_x0_eps(model_output, sample, alpha_bar_t, c.prediction_type)
+    if c.thresholding: x0_pred = threshold_sample(x0_pred, c.dynamic_thresholding_ratio, c.sample_max_value)
+    elif c.clip_sample: x0_pred = x0_pred.clamp(-c.clip_sample_range, c.clip_sample_range)
+    if use_clipped_model_output: eps = (sample - alpha_bar_t ** 0.5 * x0_pred) / (1 - alpha_bar_t) ** 0.5
+    sigma_t = eta * ddim_variance(alpha_bar_t, alpha_bar_prev) ** 0.5
+    direction = (1 - alpha_bar_prev - sigma_t ** 2).clamp(min=0) ** 0.5  # may round below 0: NaN without the clamp
+    prev_sample = alpha_bar_prev ** 0.5 * x0_pred + direction * eps
+    if eta > 0:
+        if variance_noise is None:
+            variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                          dtype=model_output.dtype)
+        prev_sample = prev_sample + sigma_t * variance_noise
+    if not return_dict: return (prev_sample, x0_pred)
+    return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+
+# %% ../nbs/16_ddim.ipynb #1ebb6140
+@patch
+def add_noise(self: DDIMScheduler, original_samples, # (B, C, H, W) x_0
+              noise, # (B, C, H, W) eps
+              timesteps): # (B,) integer t
+    "Forward-diffuse `original_samples` to `timesteps` (DDPM eq. 4)."
+    x = original_samples
+    alpha_bar = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)[torch.as_tensor(timesteps, device=x.device)]
+    alpha_bar = alpha_bar.flatten().reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
+    return alpha_bar ** 0.5 * x + (1 - alpha_bar) ** 0.5 * noise

@@ -7,9 +7,10 @@ from __future__ import annotations
 import operator
 import numpy as np
 import torch
-from .core import register_to_config, randn_tensor
+from .core import register_to_config, randn_tensor, patch
 from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
-                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample, spaced_timesteps)
+                               PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample,
+                               spaced_timesteps)
 
 # %% auto #0
 __all__ = ['VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample', 'posterior_mean', 'posterior_std', 'DDPMScheduler']
@@ -42,13 +43,14 @@ def posterior_mean(x0, # (B, C, H, W) predicted clean sample
     xt_coef = alpha_t ** 0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
     return x0_coef * x0 + xt_coef * sample
 
+# %% ../nbs/03_ddpm_scheduler.ipynb #32d54ccd
 VARIANCE_TYPES = ('fixed_small', 'fixed_small_log', 'fixed_large', 'learned', 'learned_range')
 
 def posterior_std(alpha_bar_t, alpha_bar_prev, # 0-d tensors
                   variance_type:str='fixed_small',
                   predicted_variance=None): # (B, C, H, W) the model's extra channels, for `learned*`
     "Standard deviation `sigma_t` of the noise added in a reverse step."
-    beta_t = 1 - alpha_bar_t / alpha_bar_prev
+    beta_t = (1 - alpha_bar_t / alpha_bar_prev).clamp(min=0)  # >= 0 in exact arithmetic; rounding must not give NaN
     beta_tilde = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).clamp(min=1e-20)  # eq. 7, kept > 0 for the logs
     if variance_type in ('fixed_small', None): return beta_tilde ** 0.5
     if variance_type == 'fixed_small_log': return torch.exp(0.5 * torch.log(beta_tilde))
@@ -75,7 +77,8 @@ class DDPMScheduler(SchedulerMixin):
         check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
         if beta_schedule == 'sigmoid' and trained_betas is None:  # GeoDiff's schedule
-            self.betas = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float32)) * (beta_end - beta_start) + beta_start
+            ramp = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float32))
+            self.betas = ramp * (beta_end - beta_start) + beta_start
         else: self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         if rescale_betas_zero_snr: self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
@@ -92,7 +95,8 @@ class DDPMScheduler(SchedulerMixin):
         return sample
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #b641eed8
-def _set_timesteps(self, num_inference_steps:int=None, device=None, timesteps:list=None):
+@patch
+def set_timesteps(self: DDPMScheduler, num_inference_steps:int=None, device=None, timesteps:list=None):
     "Choose the timesteps to visit: `num_inference_steps` spaced per the config, or a descending `timesteps` list."
     T = self.config.num_train_timesteps
     if (num_inference_steps is None) == (timesteps is None):
@@ -108,10 +112,9 @@ def _set_timesteps(self, num_inference_steps:int=None, device=None, timesteps:li
         self.num_inference_steps, self.custom_timesteps = num_inference_steps, False
     self.timesteps = ts.to(device)
 
-DDPMScheduler.set_timesteps = _set_timesteps
-
 # %% ../nbs/03_ddpm_scheduler.ipynb #4966889b
-def _previous_timestep(self, timestep):
+@patch
+def previous_timestep(self: DDPMScheduler, timestep):
     "The timestep the sampler goes to after `timestep` (-1 after the last)."
     try: t = operator.index(timestep)
     except TypeError: raise TypeError(f"timestep must be an int or an integer tensor, got {timestep!r}") from None
@@ -119,44 +122,51 @@ def _previous_timestep(self, timestep):
         raise ValueError(f"timestep {timestep!r} is outside [0, {self.config.num_train_timesteps})")
     if not (self.custom_timesteps or self.num_inference_steps): return timestep - 1
     idx = (self.timesteps == timestep).nonzero()
-    if len(idx) == 0: raise ValueError(f"timestep {int(timestep)} is not one of this scheduler's timesteps {self.timesteps.tolist()}")
+    if len(idx) == 0:
+        raise ValueError(f"timestep {int(timestep)} is not one of this scheduler's timesteps {self.timesteps.tolist()}")
     i = idx[0, 0].item()
     return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else torch.tensor(-1)
 
-DDPMScheduler.previous_timestep = _previous_timestep
-
 # %% ../nbs/03_ddpm_scheduler.ipynb #163a3b4c
-def _step(self, model_output:torch.Tensor, # (B, C, H, W), or (B, 2C, H, W) with a learned variance
-          timestep, # int or 0-d tensor, the current t
-          sample:torch.Tensor, # (B, C, H, W) x_t
-          generator=None, return_dict:bool=True) -> SchedulerOutput:
-    "One reverse step `x_t -> x_{t-1}` of DDPM sampling."
+def _split_learned_variance(self, model_output, sample):
+    "`(model_output, predicted_variance)`: a `learned*` variance comes as C extra channels."
     _check_tensor('model_output', model_output); _check_tensor('sample', sample)
-    t, c, learned = timestep, sample.shape[1], self.variance_type in ('learned', 'learned_range')
-    predicted_variance = None
-    if learned and model_output.shape[1] != 2 * c:
-        raise ValueError(f"variance_type={self.variance_type!r} needs {2 * c} model_output channels, got {model_output.shape[1]}")
-    if learned: model_output, predicted_variance = torch.split(model_output, c, dim=1)
+    c, predicted_variance = sample.shape[1], None
+    if self.variance_type in ('learned', 'learned_range'):
+        if model_output.shape[1] != 2 * c:
+            raise ValueError(f"variance_type={self.variance_type!r} needs {2 * c} model_output channels, "
+                             f"got {model_output.shape[1]}")
+        model_output, predicted_variance = torch.split(model_output, c, dim=1)
     if model_output.shape != sample.shape:
         raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample {tuple(sample.shape)}")
+    return model_output, predicted_variance
+
+# %% ../nbs/03_ddpm_scheduler.ipynb #2516760e
+@patch
+def step(self: DDPMScheduler, model_output:torch.Tensor, # (B, C, H, W), or (B, 2C, H, W) with a learned variance
+         timestep, # int or 0-d tensor, the current t
+         sample:torch.Tensor, # (B, C, H, W) x_t
+         generator=None, return_dict:bool=True) -> SchedulerOutput:
+    "One reverse step `x_t -> x_{t-1}` of DDPM sampling."
+    t, cfg = timestep, self.config
+    model_output, predicted_variance = _split_learned_variance(self, model_output, sample)
     prev_t = self.previous_timestep(t)  # also checks t
     alpha_bar_t = self.alphas_cumprod[t]
     alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-    x0_pred = predict_original_sample(model_output, sample, alpha_bar_t, self.config.prediction_type)
-    if self.config.thresholding:
-        x0_pred = threshold_sample(x0_pred, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-    elif self.config.clip_sample: x0_pred = x0_pred.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+    x0_pred = predict_original_sample(model_output, sample, alpha_bar_t, cfg.prediction_type)
+    if cfg.thresholding: x0_pred = threshold_sample(x0_pred, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+    elif cfg.clip_sample: x0_pred = x0_pred.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
     prev_sample = posterior_mean(x0_pred, sample, alpha_bar_t, alpha_bar_prev)
     if t > 0:
         z = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        prev_sample = prev_sample + posterior_std(alpha_bar_t, alpha_bar_prev, self.variance_type, predicted_variance) * z
+        std = posterior_std(alpha_bar_t, alpha_bar_prev, self.variance_type, predicted_variance)
+        prev_sample = prev_sample + std * z
     if not return_dict: return (prev_sample, x0_pred)
     return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
 
-DDPMScheduler.step = _step
-
 # %% ../nbs/03_ddpm_scheduler.ipynb #ebc0585e
-def _alpha_bar_at(self, timesteps, like):
+@patch
+def _alpha_bar_at(self: DDPMScheduler, timesteps, like):
     "`alpha_bar` at `timesteps`, shaped to broadcast against `like` (B, ...)."
     ts = torch.as_tensor(timesteps, device=like.device)
     if ts.is_floating_point() or ts.is_complex(): raise TypeError(f"timesteps must be integers, got {ts.dtype}")
@@ -165,17 +175,18 @@ def _alpha_bar_at(self, timesteps, like):
     ab = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[ts]
     return ab.flatten().reshape(-1, *[1] * (like.ndim - 1))
 
-def _add_noise(self, original_samples, # (B, C, H, W) clean x_0
-               noise, # (B, C, H, W) eps
-               timesteps) -> torch.Tensor: # (B,) or one int: t per image
+# %% ../nbs/03_ddpm_scheduler.ipynb #498d3ce7
+@patch
+def add_noise(self: DDPMScheduler, original_samples, # (B, C, H, W) clean x_0
+              noise, # (B, C, H, W) eps
+              timesteps) -> torch.Tensor: # (B,) or one int: t per image
     "Forward process `q(x_t | x_0)` (DDPM eq. 4)."
     _check_tensor('original_samples', original_samples); _check_tensor('noise', noise)
     ab = self._alpha_bar_at(timesteps, original_samples)
     return ab ** 0.5 * original_samples + (1 - ab) ** 0.5 * noise
 
-def _get_velocity(self, sample, noise, timesteps) -> torch.Tensor:
+@patch
+def get_velocity(self: DDPMScheduler, sample, noise, timesteps) -> torch.Tensor:
     "The `v_prediction` target `v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0`."
     ab = self._alpha_bar_at(timesteps, sample)
     return ab ** 0.5 * noise - (1 - ab) ** 0.5 * sample
-
-DDPMScheduler._alpha_bar_at, DDPMScheduler.add_noise, DDPMScheduler.get_velocity = _alpha_bar_at, _add_noise, _get_velocity

@@ -6,12 +6,12 @@
 from __future__ import annotations
 import numpy as np
 import torch
-from .core import register_to_config
-from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
-                               check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
-                               sigmas_at, sigma_to_alpha_sigma_t, karras_sigmas, sigma_to_t)
-from .unipc import unipc_timesteps, convert_model_output
-from .lms import SigmaSchedulerMixin
+from .core import register_to_config, patch
+from .schedule import (SchedulerMixin, SchedulerOutput, SigmaSchedulerMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
+                               check_choice, check_num_inference_steps, threshold_sample, train_schedule,
+                               sigmas_from_alphas_cumprod, sigmas_at, sigma_to_alpha_sigma_t, karras_sigmas, sigma_to_t,
+                               unipc_timesteps, config_or)
+from .schedule import convert_model_output as convert_vp_output  # the method below takes the name
 
 # %% auto #0
 __all__ = ['alpha_sigma_lambda', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
@@ -64,114 +64,130 @@ def dpm_third_order_update(sample, ms, # sample at s0; [.., m2, m1, m0]: model o
     D1, D2 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1), (1.0 / (r0 + r1)) * (D1_0 - D1_1)
     if algorithm_type == 'dpmsolver++':
         return ((sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * m0
-                + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1 - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2)
+                + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
+                - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2)
     return ((alpha_t / alpha_s0) * sample - (sigma_t * (torch.exp(h) - 1.0)) * m0
-            - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1 - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2)
+            - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
+            - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2)
 
 # %% ../nbs/19_dpm_solver.ipynb #1d59e4bd
-_UNSUPPORTED = ('use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas', 'use_dynamic_shifting')
+_UNSUPPORTED = ('use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas',
+                'use_dynamic_shifting')
 
-class _DPMSolverSchedule(SigmaSchedulerMixin, SchedulerMixin):
-    "Config, timesteps and sigmas of `DPMSolverMultistepScheduler` (its solver methods follow in the next cell)."
+def _check_dpm_config(s):
+    "Check `s.config` as diffusers does; rename DEIS's and UniPC's settings to their DPM-Solver equivalents."
+    c = s.config
+    if str(c.algorithm_type).startswith('sde-'):
+        raise ValueError(f"algorithm_type {c.algorithm_type!r} (SDE solver) is not implemented: use 'dpmsolver++'")
+    check_choice('algorithm_type', c.algorithm_type, ('dpmsolver++', 'dpmsolver', 'deis'))
+    check_choice('solver_order', c.solver_order, (1, 2, 3))
+    check_choice('solver_type', c.solver_type, ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'))
+    check_choice('prediction_type', c.prediction_type, PREDICTION_TYPES)
+    check_choice('timestep_spacing', c.timestep_spacing, TIMESTEP_SPACINGS)
+    check_choice('final_sigmas_type', c.final_sigmas_type, ('zero', 'sigma_min'))
+    unsupported = [k for k in _UNSUPPORTED if c[k]]
+    if unsupported: raise ValueError(f"{unsupported} not implemented: use use_karras_sigmas or the default sigmas")
+    if c.algorithm_type == 'deis': s.register_to_config(algorithm_type='dpmsolver++')
+    if c.solver_type in ('logrho', 'bh1', 'bh2'): s.register_to_config(solver_type='midpoint')
+    if c.algorithm_type != 'dpmsolver++' and c.final_sigmas_type == 'zero':  # `c`: the config as given
+        raise ValueError(f"final_sigmas_type 'zero' is not supported for algorithm_type {c.algorithm_type!r}: "
+                         "use 'sigma_min'")
+
+# %% ../nbs/19_dpm_solver.ipynb #7b1b983e
+class DPMSolverMultistepScheduler(SigmaSchedulerMixin, SchedulerMixin):
+    "DPM-Solver(++) multistep, orders 1 to 3 (Lu et al. 2022a, 2022b), as diffusers' `DPMSolverMultistepScheduler`."
     order, init_noise_sigma = 1, 1.0
+    strict_timesteps = False  # a timestep missing from the schedule means the last step, as in diffusers
     @register_to_config
-    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
-                 solver_order=2, prediction_type='epsilon', thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
-                 algorithm_type='dpmsolver++', solver_type='midpoint', lower_order_final=True, euler_at_final=False,
-                 use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False,
-                 use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type='zero', lambda_min_clipped=-float('inf'),
-                 variance_type=None, timestep_spacing='linspace', steps_offset=0, rescale_betas_zero_snr=False,
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                 trained_betas=None, solver_order=2, prediction_type='epsilon', thresholding=False,
+                 dynamic_thresholding_ratio=0.995, sample_max_value=1.0, algorithm_type='dpmsolver++',
+                 solver_type='midpoint', lower_order_final=True, euler_at_final=False, use_karras_sigmas=False,
+                 use_exponential_sigmas=False, use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
+                 flow_shift=1.0, final_sigmas_type='zero', lambda_min_clipped=-float('inf'), variance_type=None,
+                 timestep_spacing='linspace', steps_offset=0, rescale_betas_zero_snr=False,
                  use_dynamic_shifting=False, time_shift_type='exponential'):
-        if str(algorithm_type).startswith('sde-'): raise ValueError(f"algorithm_type {algorithm_type!r} (SDE solver) is not implemented: use 'dpmsolver++'")
-        check_choice('algorithm_type', algorithm_type, ('dpmsolver++', 'dpmsolver', 'deis'))
-        check_choice('solver_order', solver_order, (1, 2, 3))
-        check_choice('solver_type', solver_type, ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'))
-        check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
-        check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        check_choice('final_sigmas_type', final_sigmas_type, ('zero', 'sigma_min'))
-        unsupported = [k for k in _UNSUPPORTED if self.config[k]]
-        if unsupported: raise ValueError(f"{unsupported} not implemented: use use_karras_sigmas or the default sigmas")
-        if algorithm_type == 'deis': self.register_to_config(algorithm_type='dpmsolver++')
-        if solver_type in ('logrho', 'bh1', 'bh2'): self.register_to_config(solver_type='midpoint')
-        if algorithm_type != 'dpmsolver++' and final_sigmas_type == 'zero':
-            raise ValueError(f"final_sigmas_type 'zero' is not supported for algorithm_type {algorithm_type!r}: use 'sigma_min'")
+        _check_dpm_config(self)
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                          trained_betas, rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
         self.alpha_t, self.sigma_t = torch.sqrt(self.alphas_cumprod), torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
         self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
+        ts = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        self.timesteps = torch.from_numpy(ts)
         self.num_inference_steps, self.model_outputs, self.lower_order_nums = None, [None] * solver_order, 0
         self._step_index = self._begin_index = None
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        "Choose the int64 sampling timesteps and their sigmas (plus the final sigma); reset the solver history."
-        c = self.config
-        check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
-        clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
-        last_timestep = c.num_train_timesteps - clipped_idx
-        timesteps = unipc_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, last_timestep)
-        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
-        if c.use_karras_sigmas:
-            sigma_min, sigma_max = getattr(c, 'sigma_min', None), getattr(c, 'sigma_max', None)  # keys of Euler configs
-            sigma_min, sigma_max = [v if v is not None else d for v, d in ((sigma_min, train_sigmas[0].item()), (sigma_max, train_sigmas[-1].item()))]
-            sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-            if c.beta_schedule != 'squaredcos_cap_v2': timesteps = timesteps.round()
-        else: sigmas = sigmas_at(self.alphas_cumprod, timesteps)
-        sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self.num_inference_steps, self.model_outputs, self.lower_order_nums = len(timesteps), [None] * c.solver_order, 0
-        self._step_index = self._begin_index = None
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        "Position of `timestep` in the schedule: the second match if it repeats, the last step if it is missing (as diffusers)."
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        return len(self.timesteps) - 1 if len(idx) == 0 else idx[1 if len(idx) > 1 else 0].item()
     def scale_model_input(self, sample, *args, **kwargs) -> torch.Tensor:
         "Nothing to scale: DPM-Solver works on the VP sample the model expects."
         return sample
-    def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
-        "The VP forward process `x_t = alpha_t x_0 + sigma_t noise`."
-        alpha_t, sigma_t, _ = alpha_sigma_lambda(self._sigmas_for(timesteps, original_samples))
-        return alpha_t * original_samples + sigma_t * noise
     def __len__(self): return self.config.num_train_timesteps
 
-# %% ../nbs/19_dpm_solver.ipynb #dc1c0f1f
-class DPMSolverMultistepScheduler(_DPMSolverSchedule):
-    "DPM-Solver(++) multistep, orders 1 to 3 (Lu et al. 2022a, 2022b), as diffusers' `DPMSolverMultistepScheduler`."
-    def convert_model_output(self, model_output, sample=None) -> torch.Tensor:
-        "The data prediction x0 (dpmsolver++) or the noise prediction eps (dpmsolver) at the current step."
-        c, sigma, predict_x0 = self.config, self.sigmas[self.step_index], self.config.algorithm_type == 'dpmsolver++'
-        if c.prediction_type == 'epsilon' and c.variance_type in ('learned', 'learned_range'): model_output = model_output[:, :3]
-        m = convert_model_output(model_output, sample, sigma, c.prediction_type, predict_x0)  # UniPC's conversion
-        if not c.thresholding: return m
-        if predict_x0: return threshold_sample(m, c.dynamic_thresholding_ratio, c.sample_max_value)
-        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-        x0_pred = threshold_sample((sample - sigma_t * m) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
-        return (sample - alpha_t * x0_pred) / sigma_t
+# %% ../nbs/19_dpm_solver.ipynb #8123c7d3
+@patch
+def set_timesteps(self: DPMSolverMultistepScheduler, num_inference_steps, device=None):
+    "Choose the int64 sampling timesteps and their sigmas (plus the final sigma); reset the solver history."
+    c, n = self.config, num_inference_steps
+    check_num_inference_steps(n, c.num_train_timesteps)
+    clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
+    last_timestep = c.num_train_timesteps - clipped_idx
+    timesteps = unipc_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, last_timestep)
+    train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
+    if c.use_karras_sigmas:
+        lo, hi = config_or(c, 'sigma_min', train_sigmas[0].item()), config_or(c, 'sigma_max', train_sigmas[-1].item())
+        sigmas = karras_sigmas(lo, hi, n)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
+        if c.beta_schedule != 'squaredcos_cap_v2': timesteps = timesteps.round()
+    else: sigmas = sigmas_at(self.alphas_cumprod, timesteps)
+    sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
+    self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
+    self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
+    self.num_inference_steps, self.model_outputs, self.lower_order_nums = len(timesteps), [None] * c.solver_order, 0
+    self._step_index = self._begin_index = None
 
-    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
-        "One multistep update, of order 1 up to `solver_order` depending on the history and the position."
-        self._check_ready(timestep)
-        c, i, n, s = self.config, self.step_index, len(self.timesteps), self.sigmas
-        lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == 'zero')
-        lower_order_second = i == n - 2 and c.lower_order_final and n < 15
-        model_output = self.convert_model_output(model_output, sample=sample)
-        self.model_outputs = self.model_outputs[1:] + [model_output]
-        sample = sample.to(torch.float32)
-        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            prev_sample = dpm_first_order_update(sample, model_output, s[i + 1], s[i], c.algorithm_type)
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-            sigmas = (s[i + 1], s[i], s[i - 1])
-            prev_sample = dpm_second_order_update(sample, self.model_outputs, sigmas, c.algorithm_type, c.solver_type)
-        else:
-            sigmas = (s[i + 1], s[i], s[i - 1], s[i - 2])
-            prev_sample = dpm_third_order_update(sample, self.model_outputs, sigmas, c.algorithm_type)
-        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
-        prev_sample = prev_sample.to(model_output.dtype)
-        self._step_index += 1
-        return SchedulerOutput(prev_sample) if return_dict else (prev_sample,)
+@patch
+def add_noise(self: DPMSolverMultistepScheduler, original_samples, noise, timesteps) -> torch.Tensor:
+    "The VP forward process `x_t = alpha_t x_0 + sigma_t noise`."
+    alpha_t, sigma_t, _ = alpha_sigma_lambda(self._sigmas_for(timesteps, original_samples))
+    return alpha_t * original_samples + sigma_t * noise
+
+# %% ../nbs/19_dpm_solver.ipynb #dc1c0f1f
+@patch
+def convert_model_output(self: DPMSolverMultistepScheduler, model_output, sample=None) -> torch.Tensor:
+    "The data prediction x0 (dpmsolver++) or the noise prediction eps (dpmsolver) at the current step."
+    c, sigma, predict_x0 = self.config, self.sigmas[self.step_index], self.config.algorithm_type == 'dpmsolver++'
+    if c.prediction_type == 'epsilon' and c.variance_type in ('learned', 'learned_range'):
+        model_output = model_output[:, :3]
+    m = convert_vp_output(model_output, sample, sigma, c.prediction_type, predict_x0)
+    if not c.thresholding: return m
+    if predict_x0: return threshold_sample(m, c.dynamic_thresholding_ratio, c.sample_max_value)
+    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+    x0_pred = threshold_sample((sample - sigma_t * m) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
+    return (sample - alpha_t * x0_pred) / sigma_t
+
+# %% ../nbs/19_dpm_solver.ipynb #6da75bab
+@patch
+def step(self: DPMSolverMultistepScheduler, model_output, timestep, sample, generator=None, variance_noise=None,
+         return_dict=True):
+    "One multistep update, of order 1 up to `solver_order` depending on the history and the position."
+    self._check_ready(timestep)
+    c, i, n, s = self.config, self.step_index, len(self.timesteps), self.sigmas
+    lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
+                                        or c.final_sigmas_type == 'zero')
+    lower_order_second = i == n - 2 and c.lower_order_final and n < 15
+    model_output = self.convert_model_output(model_output, sample=sample)
+    self.model_outputs = self.model_outputs[1:] + [model_output]
+    sample = sample.to(torch.float32)
+    if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+        prev_sample = dpm_first_order_update(sample, model_output, s[i + 1], s[i], c.algorithm_type)
+    elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+        sigmas = (s[i + 1], s[i], s[i - 1])
+        prev_sample = dpm_second_order_update(sample, self.model_outputs, sigmas, c.algorithm_type, c.solver_type)
+    else:
+        sigmas = (s[i + 1], s[i], s[i - 1], s[i - 2])
+        prev_sample = dpm_third_order_update(sample, self.model_outputs, sigmas, c.algorithm_type)
+    self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
+    prev_sample = prev_sample.to(model_output.dtype)
+    self._step_index += 1
+    return SchedulerOutput(prev_sample) if return_dict else (prev_sample,)

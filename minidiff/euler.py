@@ -7,11 +7,10 @@ from __future__ import annotations
 import logging
 import numpy as np
 import torch
-from .core import randn_tensor, register_to_config
-from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
-                               check_num_inference_steps, train_schedule, sigmas_from_alphas_cumprod, sigmas_at,
-                               karras_sigmas, sigma_to_t, spaced_timesteps)
-from .lms import SigmaSchedulerMixin, sigma_x0_pred
+from .core import randn_tensor, register_to_config, patch
+from .schedule import (SchedulerMixin, SchedulerOutput, SigmaSchedulerMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
+                               check_choice, check_num_inference_steps, train_schedule, sigmas_from_alphas_cumprod,
+                               sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps, sigma_x0_pred, config_or)
 
 # %% auto #0
 __all__ = ['EULER_PREDICTION_TYPES', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler']
@@ -20,17 +19,21 @@ __all__ = ['EULER_PREDICTION_TYPES', 'EulerDiscreteScheduler', 'EulerAncestralDi
 EULER_PREDICTION_TYPES = PREDICTION_TYPES + ('original_sample',)
 _log = logging.getLogger(__name__)
 
-
+def _check_float_timestep(timestep):
+    if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        raise ValueError(f"integer timestep {timestep!r}: pass one of scheduler.timesteps (floats), "
+                         "not an index from enumerate")
 
 # %% ../nbs/18_euler.ipynb #ba7a93b5
 class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
-    "Euler steps on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 2), as diffusers' `EulerDiscreteScheduler`."
+    "Euler steps on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 2), as diffusers'."
     order = 1
     @register_to_config
-    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
-                 prediction_type='epsilon', interpolation_type='linear', use_karras_sigmas=False, use_exponential_sigmas=False,
-                 use_beta_sigmas=False, sigma_min=None, sigma_max=None, timestep_spacing='linspace', timestep_type='discrete',
-                 steps_offset=0, rescale_betas_zero_snr=False, final_sigmas_type='zero'):
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                 trained_betas=None, prediction_type='epsilon', interpolation_type='linear', use_karras_sigmas=False,
+                 use_exponential_sigmas=False, use_beta_sigmas=False, sigma_min=None, sigma_max=None,
+                 timestep_spacing='linspace', timestep_type='discrete', steps_offset=0, rescale_betas_zero_snr=False,
+                 final_sigmas_type='zero'):
         check_choice('prediction_type', prediction_type, EULER_PREDICTION_TYPES)
         check_choice('interpolation_type', interpolation_type, ('linear', 'log_linear'))
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
@@ -42,59 +45,65 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
                                                          trained_betas, rescale_betas_zero_snr)
         self.alphas, self.use_karras_sigmas = 1.0 - self.betas, use_karras_sigmas
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).flip(0)
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy()).float()
-        if timestep_type == 'continuous' and prediction_type == 'v_prediction': self.timesteps = 0.25 * sigmas.log()  # EDM c_noise
+        ts = np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy()
+        self.timesteps = torch.from_numpy(ts).float()
+        if timestep_type == 'continuous' and prediction_type == 'v_prediction':
+            self.timesteps = 0.25 * sigmas.log()  # EDM's c_noise
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
-        self.num_inference_steps, self.is_scale_input_called, self._step_index, self._begin_index = None, False, None, None
-
-    def set_timesteps(self, num_inference_steps, device=None):
-        "Choose the `num_inference_steps` sampling timesteps and their sigmas (plus the final sigma)."
-        c = self.config
-        check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
-        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset).astype(np.float32)
-        train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
-        if c.interpolation_type == 'linear': sigmas = sigmas_at(self.alphas_cumprod, timesteps)
-        else: sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1).exp().numpy()
-        if c.use_karras_sigmas:
-            lo = c.sigma_min if c.sigma_min is not None else sigmas[-1].item()
-            hi = c.sigma_max if c.sigma_max is not None else sigmas[0].item()
-            sigmas = karras_sigmas(lo, hi, num_inference_steps)
-            timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-        sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
-        if c.timestep_type == 'continuous' and c.prediction_type == 'v_prediction': timesteps = 0.25 * sigmas[:-1].log()
-        else: timesteps = torch.from_numpy(timesteps.astype(np.float32))
-        self.timesteps = timesteps.to(device)
-        self.sigmas, self.num_inference_steps, self._step_index, self._begin_index = sigmas, num_inference_steps, None, None
-
-    def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float('inf'), s_noise=1.0,
-             generator=None, return_dict=True):
-        "One Euler step from `sigma_i` to `sigma_{i+1}`, after climbing to `sigma_hat` when `s_churn > 0`."
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError(f"integer timestep {timestep!r}: pass one of scheduler.timesteps (floats), not an index from enumerate")
-        self._check_ready(timestep)
-        if not self.is_scale_input_called: _log.warning("call scale_model_input before step")
-        sample, sigma = sample.to(torch.float32), self.sigmas[self.step_index]
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-            eps = noise * s_noise
-            sample = sample + eps * (sigma_hat**2 - sigma**2) ** 0.5
-        x0_pred = sigma_x0_pred(model_output, sample, sigma, self.config.prediction_type, sigma_hat)
-        derivative = (sample - x0_pred) / sigma_hat  # dx/dsigma
-        prev_sample = (sample + derivative * (self.sigmas[self.step_index + 1] - sigma_hat)).to(model_output.dtype)
-        self._step_index += 1
-        return SchedulerOutput(prev_sample, x0_pred) if return_dict else (prev_sample, x0_pred)
+        self.num_inference_steps, self.is_scale_input_called = None, False
+        self._step_index = self._begin_index = None
     def __len__(self): return self.config.num_train_timesteps
+
+# %% ../nbs/18_euler.ipynb #70b78bcd
+@patch
+def set_timesteps(self: EulerDiscreteScheduler, num_inference_steps, device=None):
+    "Choose the `num_inference_steps` sampling timesteps and their sigmas (plus the final sigma)."
+    c, n = self.config, num_inference_steps
+    check_num_inference_steps(n, c.num_train_timesteps)
+    timesteps = spaced_timesteps(c.num_train_timesteps, n, c.timestep_spacing, c.steps_offset).astype(np.float32)
+    train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
+    if c.interpolation_type == 'linear': sigmas = sigmas_at(self.alphas_cumprod, timesteps)
+    else: sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), n + 1).exp().numpy()
+    if c.use_karras_sigmas:
+        lo, hi = config_or(c, 'sigma_min', sigmas[-1].item()), config_or(c, 'sigma_max', sigmas[0].item())
+        sigmas = karras_sigmas(lo, hi, n)
+        timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
+    sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
+    sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
+    if c.timestep_type == 'continuous' and c.prediction_type == 'v_prediction': timesteps = 0.25 * sigmas[:-1].log()
+    else: timesteps = torch.from_numpy(timesteps.astype(np.float32))
+    self.timesteps = timesteps.to(device)
+    self.sigmas, self.num_inference_steps, self._step_index, self._begin_index = sigmas, n, None, None
+
+# %% ../nbs/18_euler.ipynb #9bb6ac30
+@patch
+def step(self: EulerDiscreteScheduler, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float('inf'),
+         s_noise=1.0, generator=None, return_dict=True):
+    "One Euler step from `sigma_i` to `sigma_{i+1}`, after climbing to `sigma_hat` when `s_churn > 0`."
+    _check_float_timestep(timestep)
+    self._check_ready(timestep)
+    if not self.is_scale_input_called: _log.warning("call scale_model_input before step")
+    sample, sigma = sample.to(torch.float32), self.sigmas[self.step_index]
+    gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+        sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2).clamp(min=0) ** 0.5
+    x0_pred = sigma_x0_pred(model_output, sample, sigma, self.config.prediction_type, sigma_hat)
+    derivative = (sample - x0_pred) / sigma_hat  # dx/dsigma
+    prev_sample = (sample + derivative * (self.sigmas[self.step_index + 1] - sigma_hat)).to(model_output.dtype)
+    self._step_index += 1
+    return SchedulerOutput(prev_sample, x0_pred) if return_dict else (prev_sample, x0_pred)
 
 # %% ../nbs/18_euler.ipynb #9557fe66
 class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
     "Euler steps plus fresh noise at every step (ancestral sampling), as diffusers' `EulerAncestralDiscreteScheduler`."
     order = 1
     @register_to_config
-    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
-                 prediction_type='epsilon', timestep_spacing='linspace', steps_offset=0, rescale_betas_zero_snr=False):
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                 trained_betas=None, prediction_type='epsilon', timestep_spacing='linspace', steps_offset=0,
+                 rescale_betas_zero_snr=False):
         check_choice('prediction_type', prediction_type, ('epsilon', 'v_prediction'))
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
@@ -103,32 +112,34 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         self.sigmas = torch.from_numpy(np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy())
-        self.num_inference_steps, self.is_scale_input_called, self._step_index, self._begin_index = None, False, None, None
+        self.num_inference_steps, self.is_scale_input_called = None, False
+        self._step_index = self._begin_index = None
 
     def set_timesteps(self, num_inference_steps, device=None):
         "Choose the `num_inference_steps` sampling timesteps and their interpolated sigmas (plus a final 0)."
-        c = self.config
-        check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
-        timesteps = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset).astype(np.float32)
+        c, n = self.config, num_inference_steps
+        check_num_inference_steps(n, c.num_train_timesteps)
+        timesteps = spaced_timesteps(c.num_train_timesteps, n, c.timestep_spacing, c.steps_offset).astype(np.float32)
         sigmas = sigmas_at(self.alphas_cumprod, timesteps)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps).to(device)
-        self.num_inference_steps, self._step_index, self._begin_index = num_inference_steps, None, None
-
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        "Euler step down to `sigma_down`, then fresh noise of std `sigma_up`."
-        if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
-            raise ValueError(f"integer timestep {timestep!r}: pass one of scheduler.timesteps (floats), not an index from enumerate")
-        self._check_ready(timestep)
-        if not self.is_scale_input_called: _log.warning("call scale_model_input before step")
-        sigma_from, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
-        sample = sample.to(torch.float32)
-        x0_pred = sigma_x0_pred(model_output, sample, sigma_from, self.config.prediction_type)
-        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        prev_sample = sample + (sample - x0_pred) / sigma_from * (sigma_down - sigma_from)
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
-        prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
-        self._step_index += 1
-        return SchedulerOutput(prev_sample, x0_pred) if return_dict else (prev_sample, x0_pred)
+        self.num_inference_steps, self._step_index, self._begin_index = n, None, None
     def __len__(self): return self.config.num_train_timesteps
+
+# %% ../nbs/18_euler.ipynb #abdd37a3
+@patch
+def step(self: EulerAncestralDiscreteScheduler, model_output, timestep, sample, generator=None, return_dict=True):
+    "Euler step down to `sigma_down`, then fresh noise of std `sigma_up`."
+    _check_float_timestep(timestep)
+    self._check_ready(timestep)
+    if not self.is_scale_input_called: _log.warning("call scale_model_input before step")
+    sigma_from, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+    sample = sample.to(torch.float32)
+    x0_pred = sigma_x0_pred(model_output, sample, sigma_from, self.config.prediction_type)
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2).clamp(min=0) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2).clamp(min=0) ** 0.5
+    prev_sample = sample + (sample - x0_pred) / sigma_from * (sigma_down - sigma_from)
+    noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+    prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
+    self._step_index += 1
+    return SchedulerOutput(prev_sample, x0_pred) if return_dict else (prev_sample, x0_pred)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import math, warnings
 import numpy as np
 import torch
-from .core import register_to_config
-from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice, train_schedule,
-                               sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps, StepIndexMixin)
+from .core import register_to_config, patch
+from .schedule import (SchedulerMixin, SchedulerOutput, SigmaSchedulerMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
+                               check_choice, train_schedule, sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps,
+                               sigma_x0_pred, config_or)
 
 # %% auto #0
-__all__ = ['exponential_sigmas', 'beta_ppf', 'beta_sigmas', 'gauss_legendre', 'lms_coefficient', 'SigmaSchedulerMixin',
-           'sigma_x0_pred', 'LMSDiscreteScheduler']
+__all__ = ['exponential_sigmas', 'beta_ppf', 'beta_sigmas', 'gauss_legendre', 'lms_coefficient', 'LMSDiscreteScheduler']
 
 # %% ../nbs/17_lms.ipynb #e8bce403
 def exponential_sigmas(sigma_min, sigma_max, n) -> np.ndarray:
@@ -26,12 +26,15 @@ def _beta_cdf_fraction(x, a, b, terms=40):
     c, d = np.ones_like(x), 1 / (1 - (a + b) * x / (a + 1))
     h = d
     for m in range(1, terms):
-        for d_m in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for d_m in (even, odd):
             d, c = 1 / (1 + d_m * d), 1 + d_m / c
             h = h * d * c
     log_front = a * np.log(x) + b * np.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
     return np.exp(log_front) * h / a
 
+# %% ../nbs/17_lms.ipynb #8dc3f114
 def beta_ppf(u, a, b) -> np.ndarray:
     "Quantiles of the Beta(a, b) distribution at probabilities `u` (float64), by bisection of its CDF."
     u, lo, hi = np.asarray(u, dtype=np.float64), np.zeros(np.shape(u)), np.ones(np.shape(u))
@@ -61,7 +64,8 @@ def lms_coefficient(sigmas, # (n+1,) the sigmas of the sampling loop, ending wit
                     order, t, current_order) -> float:
     "`integral over [sigma_t, sigma_{t+1}]` of the Lagrange basis polynomial of `sigma_{t - current_order}` (exact)."
     if not 0 <= current_order < order <= t + 1:
-        raise ValueError(f"need 0 <= current_order < order <= t + 1, got current_order={current_order}, order={order}, t={t}")
+        raise ValueError(f"need 0 <= current_order < order <= t + 1, "
+                         f"got current_order={current_order}, order={order}, t={t}")
     s = sigmas.double()
     nodes, weights = gauss_legendre((order + 1) // 2)  # exact up to degree `order`; l_j has degree order - 1
     a, b = s[t], s[t + 1]
@@ -71,103 +75,58 @@ def lms_coefficient(sigmas, # (n+1,) the sigmas of the sampling loop, ending wit
         if k != current_order: basis = basis * (tau - s[t - k]) / (s[t - current_order] - s[t - k])
     return ((b - a) / 2 * (weights * basis).sum()).item()
 
-# %% ../nbs/17_lms.ipynb #ca73d235
-class SigmaSchedulerMixin(StepIndexMixin):
-    "Step index, input scaling, starting noise and `add_noise` of the sigma schedulers (LMS, Euler, DPM-Solver), as in diffusers."
-    @property
-    def init_noise_sigma(self) -> torch.Tensor:
-        "Std of the starting noise: `sigma_max`, or `sqrt(sigma_max**2 + 1)` with 'leading' spacing."
-        max_sigma = self.sigmas.max()
-        return max_sigma if self.config.timestep_spacing in ('linspace', 'trailing') else (max_sigma**2 + 1) ** 0.5
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        "Position of `timestep` in the schedule (the second one if it repeats, so img2img does not skip a sigma)."
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        idx = (schedule_timesteps == timestep).nonzero()
-        if len(idx) == 0:
-            raise ValueError(f"timestep {timestep} is not one of this scheduler's timesteps: call set_timesteps and pass one of scheduler.timesteps")
-        return idx[1 if len(idx) > 1 else 0].item()
-    def _init_step_index(self, timestep):
-        if self.begin_index is not None: self._step_index = self._begin_index
-        else: self._step_index = self.index_for_timestep(timestep.to(self.timesteps.device) if torch.is_tensor(timestep) else timestep)
-    def _check_ready(self, timestep):
-        if self.num_inference_steps is None: raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
-        if self.step_index is None: self._init_step_index(timestep)
-        if self.step_index >= len(self.sigmas) - 1: raise ValueError(f"all {self.num_inference_steps} steps are done: call set_timesteps again")
-    def scale_model_input(self, sample, timestep) -> torch.Tensor:
-        "Divide the VE sample by `sqrt(sigma**2 + 1)`, the scale the model was trained on."
-        self._check_ready(timestep)
-        self.is_scale_input_called = True
-        return sample / ((self.sigmas[self.step_index] ** 2 + 1) ** 0.5)
-    def _sigmas_for(self, timesteps, like):
-        "The sigmas of `timesteps` (or of the current/begin index when one is set), broadcastable against `like`."
-        sigmas, schedule = self.sigmas.to(device=like.device, dtype=like.dtype), self.timesteps.to(like.device)
-        timesteps = torch.as_tensor(timesteps).reshape(-1).to(like.device)
-        if self.begin_index is None: idx = [self.index_for_timestep(t, schedule) for t in timesteps]
-        else: idx = [self.step_index if self.step_index is not None else self.begin_index] * timesteps.shape[0]
-        return sigmas[idx].flatten().reshape(-1, *[1] * (like.ndim - 1))  # (B, 1, 1, 1)
-    def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
-        "The forward process in VE form: `x = x_0 + sigma_t * noise`, one sigma per batch item."
-        return original_samples + noise * self._sigmas_for(timesteps, original_samples)
-
-# %% ../nbs/17_lms.ipynb #30da0d1b
-def sigma_x0_pred(model_output, sample, # (B, C, H, W) model output and VE sample x = x_0 + sigma * eps
-                  sigma, prediction_type='epsilon',
-                  sigma_hat=None): # the level an epsilon model was evaluated at, if not `sigma` (Euler's churn)
-    "The denoiser `D(x; sigma)`: predicted x_0 in sigma coordinates from an `epsilon`, `v_prediction` or `sample` model."
-    if prediction_type == 'epsilon': return sample - (sigma if sigma_hat is None else sigma_hat) * model_output
-    if prediction_type == 'v_prediction': return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)
-    if prediction_type in ('sample', 'original_sample'): return model_output
-    raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
-
 # %% ../nbs/17_lms.ipynb #b82748a7
 class LMSDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
     "Linear multistep sampler in sigma (k-diffusion's `sample_lms`) on a discrete DDPM schedule."
     @register_to_config
-    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
-                 use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, prediction_type='epsilon',
-                 timestep_spacing='linspace', steps_offset=0):
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                 trained_betas=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+                 prediction_type='epsilon', timestep_spacing='linspace', steps_offset=0):
         if use_karras_sigmas + use_exponential_sigmas + use_beta_sigmas > 1:
             raise ValueError("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be True")
         check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                         trained_betas)
         self.alphas = 1.0 - self.betas
         self.use_karras_sigmas, self.is_scale_input_called = use_karras_sigmas, False
         self.set_timesteps(num_train_timesteps)
 
     def set_timesteps(self, num_inference_steps, device=None):
         "Choose the timesteps and sigmas of the sampling loop, and reset its state."
-        c = self.config
-        ts = spaced_timesteps(c.num_train_timesteps, num_inference_steps, c.timestep_spacing, c.steps_offset).astype(np.float32)
+        c, n = self.config, num_inference_steps
+        ts = spaced_timesteps(c.num_train_timesteps, n, c.timestep_spacing, c.steps_offset).astype(np.float32)
         sigmas = sigmas_at(self.alphas_cumprod, ts)
         lo, hi = sigmas[-1].item(), sigmas[0].item()
-        if c.use_karras_sigmas: sigmas = karras_sigmas(lo, hi, num_inference_steps)
-        elif c.use_exponential_sigmas or c.use_beta_sigmas:  # these two honour sigma_min/sigma_max from a shared config
-            lo, hi = [c[k] if c.get(k) is not None else v for k, v in (('sigma_min', lo), ('sigma_max', hi))]
-            sigmas = (exponential_sigmas if c.use_exponential_sigmas else beta_sigmas)(lo, hi, num_inference_steps)
+        if c.use_karras_sigmas: sigmas = karras_sigmas(lo, hi, n)
+        elif c.use_exponential_sigmas or c.use_beta_sigmas:
+            lo, hi = config_or(c, 'sigma_min', lo), config_or(c, 'sigma_max', hi)
+            sigmas = (exponential_sigmas if c.use_exponential_sigmas else beta_sigmas)(lo, hi, n)
         if c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas:
-            ts = sigma_to_t(sigmas, np.log(sigmas_at(self.alphas_cumprod, np.arange(c.num_train_timesteps)).astype(np.float32)))
+            train_sigmas = sigmas_at(self.alphas_cumprod, np.arange(c.num_train_timesteps)).astype(np.float32)
+            ts = sigma_to_t(sigmas, np.log(train_sigmas))
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # (n+1,), kept on the CPU
         self.timesteps = torch.from_numpy(ts).to(device=device, dtype=torch.float32)
-        self.num_inference_steps, self._step_index, self._begin_index, self.derivatives = num_inference_steps, None, None, []
+        self.num_inference_steps, self._step_index, self._begin_index, self.derivatives = n, None, None, []
 
     def get_lms_coefficient(self, order, t, current_order): return lms_coefficient(self.sigmas, order, t, current_order)
-
-    def step(self, model_output, timestep, sample, order=4, return_dict=True):
-        "One LMS step from sigma_i to sigma_{i+1}, using the last `order` derivatives."
-        if order < 1: raise ValueError(f"order must be at least 1, got {order}")
-        if not self.is_scale_input_called:
-            warnings.warn("The `scale_model_input` function should be called before `step` to ensure correct denoising.")
-        self._check_ready(timestep)
-        i = self.step_index
-        x0_pred = sigma_x0_pred(model_output, sample, self.sigmas[i], self.config.prediction_type)
-        self.derivatives.append((sample - x0_pred) / self.sigmas[i])
-        if len(self.derivatives) > order: self.derivatives.pop(0)
-        order = min(i + 1, order)
-        coeffs = [self.get_lms_coefficient(order, i, j) for j in range(order)]
-        prev_sample = sample + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
-        self._step_index += 1
-        if not return_dict: return (prev_sample, x0_pred)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
-
     def __len__(self): return self.config.num_train_timesteps
+
+# %% ../nbs/17_lms.ipynb #fa3bcc16
+@patch
+def step(self: LMSDiscreteScheduler, model_output, timestep, sample, order=4, return_dict=True):
+    "One LMS step from sigma_i to sigma_{i+1}, using the last `order` derivatives."
+    if order < 1: raise ValueError(f"order must be at least 1, got {order}")
+    if not self.is_scale_input_called:
+        warnings.warn("The `scale_model_input` function should be called before `step` to ensure correct denoising.")
+    self._check_ready(timestep)
+    i = self.step_index
+    x0_pred = sigma_x0_pred(model_output, sample, self.sigmas[i], self.config.prediction_type)
+    self.derivatives.append((sample - x0_pred) / self.sigmas[i])
+    if len(self.derivatives) > order: self.derivatives.pop(0)
+    order = min(i + 1, order)
+    coeffs = [self.get_lms_coefficient(order, i, j) for j in range(order)]
+    prev_sample = sample + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
+    self._step_index += 1
+    if not return_dict: return (prev_sample, x0_pred)
+    return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)

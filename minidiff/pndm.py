@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS, check_choice,
                                check_num_inference_steps, spaced_timesteps)
-from .core import register_to_config
+from .core import register_to_config, patch
 
 # %% auto #0
 __all__ = ['pndm_transfer', 'pndm_timesteps', 'pndm_step_timesteps', 'plms_combine', 'PNDMScheduler']
@@ -31,7 +31,8 @@ def pndm_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spaci
 
 def pndm_step_timesteps(base, num_inference_steps, num_train_timesteps=1000, skip_prk_steps=True):
     "The (PRK, PLMS) timesteps, descending, that the model is called at."
-    if skip_prk_steps: return np.array([], dtype=np.int64), np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].copy()
+    if skip_prk_steps:
+        return np.array([], dtype=np.int64), np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1].copy()
     if len(base) < 4: raise ValueError(f"skip_prk_steps=False needs num_inference_steps >= 4, got {len(base)}")
     half = num_train_timesteps // num_inference_steps // 2
     prk = base[-4:].repeat(2) + np.tile(np.array([0, half]), 4)    # t and t + delta/2 for the top four timesteps
@@ -50,11 +51,13 @@ class PNDMScheduler(SchedulerMixin):
     "PNDM (Liu et al. 2022): PRK warm-up (optional) then PLMS steps, as diffusers' `PNDMScheduler`."
     order = 1
     @register_to_config
-    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
-                 skip_prk_steps=False, set_alpha_to_one=False, prediction_type='epsilon', timestep_spacing='leading', steps_offset=0):
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                 trained_betas=None, skip_prk_steps=False, set_alpha_to_one=False, prediction_type='epsilon',
+                 timestep_spacing='leading', steps_offset=0):
         check_choice('prediction_type', prediction_type, ('epsilon', 'v_prediction'))
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
-        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                         trained_betas)
         self.alphas = 1.0 - self.betas
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.init_noise_sigma, self.pndm_order = 1.0, 4
@@ -64,11 +67,11 @@ class PNDMScheduler(SchedulerMixin):
 
     def set_timesteps(self, num_inference_steps, device=None):
         "Use `num_inference_steps` steps from now on (SD: `n + 1` model calls); resets the multistep history."
-        cfg = self.config
-        check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
-        base = pndm_timesteps(num_inference_steps, cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset)
-        prk, plms = pndm_step_timesteps(base, num_inference_steps, cfg.num_train_timesteps, cfg.skip_prk_steps)
-        self.num_inference_steps, self._timesteps, self.prk_timesteps, self.plms_timesteps = num_inference_steps, base, prk, plms
+        cfg, n = self.config, num_inference_steps
+        check_num_inference_steps(n, cfg.num_train_timesteps)
+        base = pndm_timesteps(n, cfg.num_train_timesteps, cfg.timestep_spacing, cfg.steps_offset)
+        prk, plms = pndm_step_timesteps(base, n, cfg.num_train_timesteps, cfg.skip_prk_steps)
+        self.num_inference_steps, self._timesteps, self.prk_timesteps, self.plms_timesteps = n, base, prk, plms
         self.timesteps = torch.from_numpy(np.concatenate([prk, plms]).astype(np.int64)).to(device)
         self.ets, self.counter, self.cur_model_output, self.cur_sample = [], 0, 0, None
 
@@ -77,49 +80,59 @@ class PNDMScheduler(SchedulerMixin):
         if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step()")
         use_prk = self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps
         return (self.step_prk if use_prk else self.step_plms)(model_output, timestep, sample, return_dict)
-
-    def step_plms(self, model_output, timestep, sample, return_dict=True):
-        "Linear multistep step: blend the newest noise estimates and transfer by `1000 // n`."
-        if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        if not self.config.skip_prk_steps and len(self.ets) < 3:
-            raise ValueError("with skip_prk_steps=False, PLMS steps can only follow the 12 PRK warm-up steps")
-        delta = self.config.num_train_timesteps // self.num_inference_steps
-        prev_timestep = timestep - delta
-        if self.counter != 1: self.ets = self.ets[-3:] + [model_output]
-        else: prev_timestep, timestep = timestep, timestep + delta          # the improved-Euler redo of step 0
-        if len(self.ets) == 1 and self.counter == 0: self.cur_sample = sample
-        elif len(self.ets) == 1 and self.counter == 1:
-            model_output, sample, self.cur_sample = (model_output + self.ets[-1]) / 2, self.cur_sample, None
-        else: model_output = plms_combine(self.ets)
-        return self._transfer_out(sample, timestep, prev_timestep, model_output, return_dict)
-
-    def step_prk(self, model_output, timestep, sample, return_dict=True):
-        "Runge-Kutta warm-up step: four calls per step, at `t`, twice at `t - delta/2`, and at `t - delta`."
-        if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        half = self.config.num_train_timesteps // self.num_inference_steps // 2
-        prev_timestep = timestep - (0 if self.counter % 2 else half)
-        timestep, k = self.prk_timesteps[self.counter // 4 * 4], self.counter % 4
-        w = (1 / 6, 1 / 3, 1 / 3, 1 / 6)[k]                                 # RK4 weights of the four evaluations
-        if k == 0: self.ets, self.cur_sample = self.ets + [model_output], sample
-        if k < 3: self.cur_model_output = self.cur_model_output + w * model_output
-        else: model_output, self.cur_model_output = self.cur_model_output + w * model_output, 0
-        cur_sample = self.cur_sample if self.cur_sample is not None else sample
-        return self._transfer_out(cur_sample, timestep, prev_timestep, model_output, return_dict)
-
-    def _transfer_out(self, sample, timestep, prev_timestep, model_output, return_dict):
-        alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        if self.config.prediction_type == 'v_prediction':
-            model_output = alpha_prod_t**0.5 * model_output + (1 - alpha_prod_t) ** 0.5 * sample
-        prev = pndm_transfer(sample, model_output, alpha_prod_t, alpha_prod_t_prev)
-        self.counter += 1
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-    def add_noise(self, original_samples, noise, timesteps): # (B, ...) clean samples, (B, ...) noise, (B,) timesteps
-        "Forward diffusion (DDPM eq. 4): `sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`."
-        x = original_samples
-        ac = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)[torch.as_tensor(timesteps, device=x.device)]
-        ac = ac.flatten().reshape(-1, *[1] * (x.ndim - 1))
-        return ac**0.5 * x + (1 - ac) ** 0.5 * noise
     def scale_model_input(self, sample, *args, **kwargs): return sample
     def __len__(self): return self.config.num_train_timesteps
+
+# %% ../nbs/12_pndm.ipynb #dd8b1e39
+@patch
+def _transfer_out(self: PNDMScheduler, sample, timestep, prev_timestep, model_output, return_dict):
+    alpha_prod_t = self.alphas_cumprod[timestep]
+    alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+    if self.config.prediction_type == 'v_prediction':
+        model_output = alpha_prod_t**0.5 * model_output + (1 - alpha_prod_t) ** 0.5 * sample
+    prev = pndm_transfer(sample, model_output, alpha_prod_t, alpha_prod_t_prev)
+    self.counter += 1
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+# %% ../nbs/12_pndm.ipynb #e9b8f14e
+@patch
+def step_plms(self: PNDMScheduler, model_output, timestep, sample, return_dict=True):
+    "Linear multistep step: blend the newest noise estimates and transfer by `1000 // n`."
+    if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step()")
+    if not self.config.skip_prk_steps and len(self.ets) < 3:
+        raise ValueError("with skip_prk_steps=False, PLMS steps can only follow the 12 PRK warm-up steps")
+    delta = self.config.num_train_timesteps // self.num_inference_steps
+    prev_timestep = timestep - delta
+    if self.counter != 1: self.ets = self.ets[-3:] + [model_output]
+    else: prev_timestep, timestep = timestep, timestep + delta          # the improved-Euler redo of step 0
+    if len(self.ets) == 1 and self.counter == 0: self.cur_sample = sample
+    elif len(self.ets) == 1 and self.counter == 1:
+        model_output, sample, self.cur_sample = (model_output + self.ets[-1]) / 2, self.cur_sample, None
+    else: model_output = plms_combine(self.ets)
+    return self._transfer_out(sample, timestep, prev_timestep, model_output, return_dict)
+
+# %% ../nbs/12_pndm.ipynb #9b513933
+@patch
+def step_prk(self: PNDMScheduler, model_output, timestep, sample, return_dict=True):
+    "Runge-Kutta warm-up step: four calls per step, at `t`, twice at `t - delta/2`, and at `t - delta`."
+    if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step()")
+    half = self.config.num_train_timesteps // self.num_inference_steps // 2
+    prev_timestep = timestep - (0 if self.counter % 2 else half)
+    timestep, k = self.prk_timesteps[self.counter // 4 * 4], self.counter % 4
+    w = (1 / 6, 1 / 3, 1 / 3, 1 / 6)[k]                                 # RK4 weights of the four evaluations
+    if k == 0: self.ets, self.cur_sample = self.ets + [model_output], sample
+    if k < 3: self.cur_model_output = self.cur_model_output + w * model_output
+    else: model_output, self.cur_model_output = self.cur_model_output + w * model_output, 0
+    cur_sample = self.cur_sample if self.cur_sample is not None else sample
+    return self._transfer_out(cur_sample, timestep, prev_timestep, model_output, return_dict)
+
+# %% ../nbs/12_pndm.ipynb #1808cf8b
+@patch
+def add_noise(self: PNDMScheduler, original_samples, # (B, ...) clean samples
+              noise, # (B, ...)
+              timesteps): # (B,) integer timesteps
+    "Forward diffusion (DDPM eq. 4): `sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`."
+    x = original_samples
+    ac = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)[torch.as_tensor(timesteps, device=x.device)]
+    ac = ac.flatten().reshape(-1, *[1] * (x.ndim - 1))
+    return ac**0.5 * x + (1 - ac) ** 0.5 * noise

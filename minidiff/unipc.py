@@ -4,41 +4,16 @@
 
 # %% ../nbs/11_unipc.ipynb #cc964c47
 from __future__ import annotations
-import math
 import numpy as np
 import torch
-from .schedule import (SchedulerMixin, SchedulerOutput, TIMESTEP_SPACINGS, PREDICTION_TYPES, check_choice,
-                               check_num_inference_steps, threshold_sample, train_schedule, sigmas_from_alphas_cumprod,
-                               sigma_to_alpha_sigma_t, sigma_to_lambda, karras_sigmas, sigma_to_t, StepIndexMixin)
-from .core import register_to_config
+from .core import register_to_config, patch
+from .schedule import (SchedulerMixin, SchedulerOutput, StepIndexMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
+                               check_choice, check_num_inference_steps, threshold_sample, train_schedule,
+                               sigmas_from_alphas_cumprod, sigma_to_alpha_sigma_t, sigma_to_lambda, karras_sigmas,
+                               sigma_to_t, unipc_timesteps, convert_model_output, config_or)
 
 # %% auto #0
-__all__ = ['unipc_timesteps', 'convert_model_output', 'unipc_system', 'uni_bh_update', 'unipc_schedule', 'index_for_timestep',
-           'UniPCMultistepScheduler']
-
-# %% ../nbs/11_unipc.ipynb #21a200be
-def unipc_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spacing='linspace', steps_offset=0,
-                    last_timestep=None): # sample below this timestep (default `num_train_timesteps`)
-    "The descending int64 timesteps UniPC (and DPM-Solver) samples at."
-    n, T = num_inference_steps, num_train_timesteps
-    last = T if last_timestep is None else last_timestep
-    if timestep_spacing == 'linspace': ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
-    elif timestep_spacing == 'leading': ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + steps_offset
-    elif timestep_spacing == 'trailing': ts = np.arange(last, 0, -T / n).round() - 1
-    else: raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}: use one of {TIMESTEP_SPACINGS}")
-    return ts.copy().astype(np.int64)
-
-# %% ../nbs/11_unipc.ipynb #da133c64
-def convert_model_output(model_output, sample, sigma, prediction_type='epsilon', predict_x0=True):
-    "The model output as `x0` (`predict_x0`) or as `eps`, at EDM sigma `sigma`."
-    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-    check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
-    if predict_x0:
-        if prediction_type == 'epsilon': return (sample - sigma_t * model_output) / alpha_t
-        return model_output if prediction_type == 'sample' else alpha_t * sample - sigma_t * model_output
-    if prediction_type == 'epsilon': return model_output
-    if prediction_type == 'sample': return (sample - alpha_t * model_output) / sigma_t
-    return alpha_t * model_output + sigma_t * sample
+__all__ = ['unipc_system', 'uni_bh_update', 'unipc_schedule', 'UniPCMultistepScheduler']
 
 # %% ../nbs/11_unipc.ipynb #6fb93cdd
 def unipc_system(hh, rks, order, solver_type='bh2'):
@@ -82,8 +57,8 @@ def uni_bh_update(x, # (B, ...) sample at s0 (the start of the step)
     return x_t.to(x.dtype)
 
 # %% ../nbs/11_unipc.ipynb #95aafad9
-_UNSUPPORTED = dict(use_exponential_sigmas=False, use_beta_sigmas=False, use_flow_sigmas=False, use_dynamic_shifting=False,
-                    solver_p=None, shift_terminal=None)
+_UNSUPPORTED = dict(use_exponential_sigmas=False, use_beta_sigmas=False, use_flow_sigmas=False,
+                    use_dynamic_shifting=False, solver_p=None, shift_terminal=None)
 
 def _check_unipc_config(cfg):
     for k, default in _UNSUPPORTED.items():
@@ -94,53 +69,50 @@ def _check_unipc_config(cfg):
     if not isinstance(cfg['solver_order'], int) or cfg['solver_order'] < 1:
         raise ValueError(f"solver_order must be a positive int, got {cfg['solver_order']!r}")
 
+# %% ../nbs/11_unipc.ipynb #ebb08dd0
 def unipc_schedule(alphas_cumprod, # (T,) float32 alpha_bar of the training schedule
                    num_inference_steps, cfg): # cfg: the scheduler config
     "The int64 timesteps and the float32 sigmas (one more: the final sigma) UniPC samples at."
-    check_num_inference_steps(num_inference_steps, cfg['num_train_timesteps'])
+    T = cfg['num_train_timesteps']
+    check_num_inference_steps(num_inference_steps, T)
     full = sigmas_from_alphas_cumprod(alphas_cumprod)
     if cfg['use_karras_sigmas']:
-        smin = cfg['sigma_min'] if cfg['sigma_min'] is not None else full[0].item()
-        smax = cfg['sigma_max'] if cfg['sigma_max'] is not None else full[-1].item()
+        smin, smax = config_or(cfg, 'sigma_min', full[0].item()), config_or(cfg, 'sigma_max', full[-1].item())
         sigmas = karras_sigmas(smin, smax, num_inference_steps)
         ts = sigma_to_t(sigmas, np.log(full.numpy())).round().astype(np.int64)
         last = sigmas[-1]
     else:
-        ts = unipc_timesteps(num_inference_steps, cfg['num_train_timesteps'], cfg['timestep_spacing'], cfg['steps_offset'])
+        ts = unipc_timesteps(num_inference_steps, T, cfg['timestep_spacing'], cfg['steps_offset'])
         sigmas, last = full[torch.from_numpy(ts)].numpy(), full[0].item()
     last = last if cfg['final_sigmas_type'] == 'sigma_min' else 0.0
     return torch.from_numpy(ts), torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
-
-def index_for_timestep(timestep, schedule_timesteps):
-    "Position of `timestep` in the schedule (the second match if it repeats, the last position if absent), as diffusers."
-    idx = (schedule_timesteps == timestep).nonzero()
-    if len(idx) == 0: return len(schedule_timesteps) - 1
-    return idx[1 if len(idx) > 1 else 0].item()
 
 # %% ../nbs/11_unipc.ipynb #d9c9cd53
 class UniPCMultistepScheduler(StepIndexMixin, SchedulerMixin):
     "UniPC (Zhao et al. 2023): multistep UniP predictor and UniC corrector, as diffusers' `UniPCMultistepScheduler`."
     order = 1
     @register_to_config
-    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear', trained_betas=None,
-                 solver_order=2, prediction_type='epsilon', thresholding=False, dynamic_thresholding_ratio=0.995,
-                 sample_max_value=1.0, predict_x0=True, solver_type='bh2', lower_order_final=True, disable_corrector=[],
-                 solver_p=None, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-                 use_flow_sigmas=False, flow_shift=1.0, timestep_spacing='linspace', steps_offset=0, final_sigmas_type='zero',
-                 rescale_betas_zero_snr=False, use_dynamic_shifting=False, time_shift_type='exponential',
-                 sigma_min=None, sigma_max=None, shift_terminal=None):
-        if solver_type in ('midpoint', 'heun', 'logrho'): self.register_to_config(solver_type='bh2')  # DPM-Solver's names
-        elif solver_type not in ('bh1', 'bh2'): raise ValueError(f"unknown solver_type {solver_type!r}: use 'bh1' or 'bh2'")
+    def __init__(self, num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule='linear',
+                 trained_betas=None, solver_order=2, prediction_type='epsilon', thresholding=False,
+                 dynamic_thresholding_ratio=0.995, sample_max_value=1.0, predict_x0=True, solver_type='bh2',
+                 lower_order_final=True, disable_corrector=[], solver_p=None, use_karras_sigmas=False,
+                 use_exponential_sigmas=False, use_beta_sigmas=False, use_flow_sigmas=False, flow_shift=1.0,
+                 timestep_spacing='linspace', steps_offset=0, final_sigmas_type='zero', rescale_betas_zero_snr=False,
+                 use_dynamic_shifting=False, time_shift_type='exponential', sigma_min=None, sigma_max=None,
+                 shift_terminal=None):
+        if solver_type in ('midpoint', 'heun', 'logrho'): self.register_to_config(solver_type='bh2')  # DPM-Solver's
+        else: check_choice('solver_type', solver_type, ('bh1', 'bh2'))
         _check_unipc_config(self.config)
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
-                                                         trained_betas, rescale_betas_zero_snr)  # zero SNR: lambda kept finite
+                                                         trained_betas, rescale_betas_zero_snr)  # lambda stays finite
         self.alphas = 1.0 - self.betas
         self.alpha_t, self.sigma_t = torch.sqrt(self.alphas_cumprod), torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
         self.sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod)
         self.init_noise_sigma, self.predict_x0, self.disable_corrector = 1.0, predict_x0, disable_corrector
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
-        self.num_inference_steps, self.model_outputs, self.lower_order_nums, self.last_sample = None, [None] * solver_order, 0, None
+        ts = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
+        self.timesteps, self.num_inference_steps = torch.from_numpy(ts), None
+        self.model_outputs, self.lower_order_nums, self.last_sample = [None] * solver_order, 0, None
         self._step_index = self._begin_index = None
 
     def set_timesteps(self, num_inference_steps, device=None):
@@ -150,37 +122,38 @@ class UniPCMultistepScheduler(StepIndexMixin, SchedulerMixin):
         self.model_outputs, self.lower_order_nums, self.last_sample = [None] * self.config.solver_order, 0, None
         self._step_index = self._begin_index = None
 
-    def step(self, model_output, timestep, sample, return_dict=True):
-        "Correct `sample` with UniC (using `model_output`), then predict the next sample with UniP."
-        if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step()")
-        if self._step_index is None: self._init_step_index(timestep)
-        i, cfg, sig = self._step_index, self.config, self.sigmas.to(sample.device)
-        if i >= len(self.timesteps): raise ValueError(f"all {len(self.timesteps)} steps are done: call set_timesteps to sample again")
-        m_t = convert_model_output(model_output, sample, self.sigmas[i], cfg.prediction_type, self.predict_x0)
-        if self.predict_x0 and cfg.thresholding: m_t = threshold_sample(m_t, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-        if i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None:
-            past = [(sig[i - 1 - k], self.model_outputs[-(k + 1)]) for k in range(1, self.this_order)]
-            sample = uni_bh_update(self.last_sample, self.model_outputs[-1], sig[i - 1], sig[i], past, self.this_order,
-                                   cfg.solver_type, self.predict_x0, model_t=m_t)
-        self.model_outputs = self.model_outputs[1:] + [m_t]
-        order = min(cfg.solver_order, len(self.timesteps) - i) if cfg.lower_order_final else cfg.solver_order
-        self.this_order, self.last_sample = min(order, self.lower_order_nums + 1), sample
-        past = [(sig[i - k], self.model_outputs[-(k + 1)]) for k in range(1, self.this_order)]
-        prev = uni_bh_update(sample, m_t, sig[i], sig[i + 1], past, self.this_order, cfg.solver_type, self.predict_x0)
-        self.lower_order_nums, self._step_index = min(self.lower_order_nums + 1, cfg.solver_order), i + 1
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-    def _init_step_index(self, timestep):
-        if self._begin_index is not None: self._step_index = self._begin_index
-        else: self._step_index = index_for_timestep(torch.as_tensor(timestep).to(self.timesteps.device), self.timesteps)
     def scale_model_input(self, sample, *args, **kwargs): return sample
     def __len__(self): return self.config.num_train_timesteps
-    def add_noise(self, original_samples, noise, timesteps): # (B, ...) clean samples, (B, ...) noise, (B,) timesteps
-        "Noise `original_samples` to the levels of `timesteps` of the current schedule: `alpha_t x0 + sigma_t eps`."
-        x = original_samples
-        sigmas, sched = self.sigmas.to(device=x.device, dtype=x.dtype), self.timesteps.to(x.device)
-        ts = torch.as_tensor(timesteps, device=x.device).reshape(-1)
-        if self._begin_index is None: idx = [index_for_timestep(t, sched) for t in ts]
-        else: idx = [self._step_index if self._step_index is not None else self._begin_index] * ts.shape[0]
-        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigmas[idx].reshape(-1, *[1] * (x.ndim - 1)))
-        return alpha_t * x + sigma_t * noise
+
+# %% ../nbs/11_unipc.ipynb #f5ebd2ae
+@patch
+def step(self: UniPCMultistepScheduler, model_output, timestep, sample, return_dict=True):
+    "Correct `sample` with UniC (using `model_output`), then predict the next sample with UniP."
+    if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step()")
+    if self._step_index is None: self._init_step_index(timestep)
+    i, cfg, sig = self._step_index, self.config, self.sigmas.to(sample.device)
+    if i >= len(self.timesteps):
+        raise ValueError(f"all {len(self.timesteps)} steps are done: call set_timesteps to sample again")
+    m_t = convert_model_output(model_output, sample, self.sigmas[i], cfg.prediction_type, self.predict_x0)
+    if self.predict_x0 and cfg.thresholding:
+        m_t = threshold_sample(m_t, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+    if i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None:
+        past = [(sig[i - 1 - k], self.model_outputs[-(k + 1)]) for k in range(1, self.this_order)]
+        sample = uni_bh_update(self.last_sample, self.model_outputs[-1], sig[i - 1], sig[i], past, self.this_order,
+                               cfg.solver_type, self.predict_x0, model_t=m_t)
+    self.model_outputs = self.model_outputs[1:] + [m_t]
+    order = min(cfg.solver_order, len(self.timesteps) - i) if cfg.lower_order_final else cfg.solver_order
+    self.this_order, self.last_sample = min(order, self.lower_order_nums + 1), sample
+    past = [(sig[i - k], self.model_outputs[-(k + 1)]) for k in range(1, self.this_order)]
+    prev = uni_bh_update(sample, m_t, sig[i], sig[i + 1], past, self.this_order, cfg.solver_type, self.predict_x0)
+    self.lower_order_nums, self._step_index = min(self.lower_order_nums + 1, cfg.solver_order), i + 1
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+# %% ../nbs/11_unipc.ipynb #bf797f57
+@patch
+def add_noise(self: UniPCMultistepScheduler, original_samples, # (B, ...) clean samples
+              noise, # (B, ...)
+              timesteps): # (B,) timesteps of the current schedule
+    "Noise `original_samples` to the levels of `timesteps` of the current schedule: `alpha_t x0 + sigma_t eps`."
+    alpha_t, sigma_t = sigma_to_alpha_sigma_t(self._sigmas_for(timesteps, original_samples))
+    return alpha_t * original_samples + sigma_t * noise

@@ -7,7 +7,9 @@ from minidiff.schedule import scheduler_loop, spaced_timesteps, toy_model_fn
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers + numpy 2
 
-from refconfigs import SD, CAT
+from refconfigs import SD, CAT, assert_close_finite
+
+ZERO_SNR = dict(rescale_betas_zero_snr=True, timestep_spacing='trailing', prediction_type='v_prediction')
 
 
 def dummy_sample_deter():
@@ -25,7 +27,7 @@ def loops(config, n, eta=0.0, seed=0, step_kwargs={}, **kwargs):
 
 
 def test_sd_reference_numbers():
-    "CHECKPOINTS.md 4.5: SD1.5 DDIM 50 steps in the diffusers harness."
+    "SD v1.5's config, DDIM 50 steps in diffusers' scheduler-test harness (sum and mean computed with diffusers 0.42.1)."
     (ts, xs), _ = loops(SD, 50)
     assert ts.tolist()[:2] == [981, 961] and ts[-1] == 1 and len(ts) == 50
     assert xs[-1].abs().sum().item() == pytest.approx(197.979019, abs=1e-4)
@@ -40,18 +42,19 @@ def test_parity_spacings(config, spacing, pt):
         (ts, xs), (ts_ref, xs_ref) = loops(config, n, eta=0.7, timestep_spacing=spacing, prediction_type=pt)
         assert torch.equal(ts, ts_ref)
         for x, x_ref in zip(xs, xs_ref, strict=True):
-            torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+            assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_parity_options():
-    for kw in [dict(thresholding=True, sample_max_value=2.0), dict(rescale_betas_zero_snr=True, timestep_spacing='trailing',
-               prediction_type='v_prediction'), dict(beta_schedule='squaredcos_cap_v2'), dict(set_alpha_to_one=False),
-               dict(trained_betas=torch.linspace(1e-4, 0.02, 1000).tolist())]:
-        (ts, xs), (ts_ref, xs_ref) = loops(CAT, 10, eta=1.0, **kw)
+    "Options over 10-step loops; zero terminal SNR at eta=1 is `test_zero_snr_eta_one_stays_finite` (NaN in diffusers)."
+    for kw, eta in [(dict(thresholding=True, sample_max_value=2.0), 1.0), (ZERO_SNR, 0.0), (ZERO_SNR, 0.5),
+                    (dict(beta_schedule='squaredcos_cap_v2'), 1.0), (dict(set_alpha_to_one=False), 1.0),
+                    (dict(trained_betas=torch.linspace(1e-4, 0.02, 1000).tolist()), 1.0)]:
+        (ts, xs), (ts_ref, xs_ref) = loops(CAT, 10, eta=eta, **kw)
         for x, x_ref in zip(xs, xs_ref, strict=True):
-            torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+            assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-6)
     (_, xs), (_, xs_ref) = loops(CAT, 10, eta=1.0, step_kwargs=dict(use_clipped_model_output=True))
-    torch.testing.assert_close(xs[-1], xs_ref[-1], rtol=1e-5, atol=1e-6)
+    assert_close_finite(xs[-1], xs_ref[-1], rtol=1e-5, atol=1e-6)
 
 
 def test_variance_noise_and_add_noise():
@@ -60,12 +63,12 @@ def test_variance_noise_and_add_noise():
     for s in (ours, ref): s.set_timesteps(10)
     a = ours.step(x * 0.1, ours.timesteps[2], x, eta=0.5, variance_noise=noise)
     b = ref.step(x * 0.1, ref.timesteps[2], x, eta=0.5, variance_noise=noise)
-    torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=1e-5, atol=1e-6)
+    assert_close_finite(a.prev_sample, b.prev_sample, rtol=1e-5, atol=1e-6)
+    assert_close_finite(a.pred_original_sample, b.pred_original_sample, rtol=1e-5, atol=1e-6)
     prev, x0 = ours.step(x * 0.1, ours.timesteps[2], x, return_dict=False)
     assert torch.equal(prev, ours.step(x * 0.1, ours.timesteps[2], x).prev_sample)
     t = torch.tensor([10, 500])
-    torch.testing.assert_close(ours.add_noise(x, noise, t), ref.add_noise(x, noise, t), rtol=1e-6, atol=1e-6)
+    assert_close_finite(ours.add_noise(x, noise, t), ref.add_noise(x, noise, t), rtol=1e-6, atol=1e-6)
     assert len(ours) == 1000 and ours.init_noise_sigma == 1.0 and ours.scale_model_input(x, 3) is x
 
 
@@ -132,3 +135,41 @@ def test_python_int_timestep_and_cross_from_config():
     assert lms.config.timestep_spacing == ref.config.timestep_spacing == 'linspace'
     back = DDIMScheduler.from_config(lms.config)
     assert back.config.timestep_spacing == 'leading' and back.config.steps_offset == 1 and back.config.set_alpha_to_one is False
+
+
+
+@pytest.mark.parametrize("config", [SD, CAT], ids=["sd", "cat"])
+@pytest.mark.parametrize("n", [7, 10, 20])
+def test_zero_snr_eta_one_stays_finite(config, n):
+    "Zero terminal SNR + v_prediction + trailing + eta=1: finite at every step, equal to diffusers wherever it is finite."
+    ours, ref = (cls.from_config(config, **ZERO_SNR) for cls in (DDIMScheduler, diffusers.DDIMScheduler))
+    for s in (ours, ref): s.set_timesteps(n)
+    x, g, compared = dummy_sample_deter(), torch.Generator().manual_seed(0), 0
+    for t in ours.timesteps:   # both step from our sample, so one NaN step of diffusers' does not hide the others
+        noise, out = torch.randn(x.shape, generator=g), toy_model_fn(x, t)
+        a = ours.step(out, t, x, eta=1.0, variance_noise=noise).prev_sample
+        b = ref.step(out, t, x, eta=1.0, variance_noise=noise).prev_sample
+        assert torch.isfinite(a).all(), f"NaN/inf at t={int(t)}"
+        if torch.isfinite(b).all():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6); compared += 1
+        x = a
+    assert compared >= n - 1   # only the first step (alpha_bar_t = 0) can be non-finite in diffusers
+
+
+def test_direction_weight_clamped_at_zero():
+    "Where `1 - alpha_bar_prev - sigma_t**2` rounds below 0 on this CPU, the step uses weight 0 for eps, not NaN."
+    from minidiff.ddim import ddim_variance
+    zero = torch.tensor(0.0)
+    negative = [ab for ab in torch.linspace(0.05, 0.95, 300)
+                if 1 - ab - (1.0 * ddim_variance(zero, ab) ** 0.5) ** 2 < 0]   # 0 in exact arithmetic
+    assert negative, "no alpha_bar_prev rounds below zero here: the check below would prove nothing"
+    s = DDIMScheduler(clip_sample=False, **ZERO_SNR)
+    s.set_timesteps(10)
+    t, prev_t = 999, 999 - 100
+    s.alphas_cumprod[prev_t] = ab_prev = negative[0]
+    x, noise = dummy_sample_deter(), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = s.step(0.5 * x, t, x, eta=1.0, variance_noise=noise)
+    sigma_t = ddim_variance(zero, ab_prev) ** 0.5
+    assert torch.isfinite(out.prev_sample).all()
+    torch.testing.assert_close(out.prev_sample, ab_prev ** 0.5 * out.pred_original_sample + sigma_t * noise,
+                               rtol=0, atol=0)

@@ -7,6 +7,7 @@ import torch
 import diffusers
 from minidiff.ddpm_scheduler import DDPMScheduler, ddpm_timesteps
 from minidiff.schedule import scheduler_loop, toy_model_fn
+from refconfigs import assert_close_finite
 
 CAT_CFG = Path(__file__).parents[1] / 'nbs/configs/google_ddpm-cat-256/scheduler_config.json'
 CAT = json.loads(CAT_CFG.read_text())
@@ -19,7 +20,7 @@ def assert_loops_match(cfg, n, sample=None, model_fn=toy_model_fn, seed=0):
     ts, xs = scheduler_loop(DDPMScheduler.from_config(cfg), n, sample, model_fn, seed=seed)
     ts_ref, xs_ref = scheduler_loop(diffusers.DDPMScheduler.from_config(cfg), n, sample, model_fn, seed=seed)
     assert torch.equal(ts, ts_ref)
-    for i, (a, b) in enumerate(zip(xs, xs_ref)): torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"step {i}: {m}")
+    for i, (a, b) in enumerate(zip(xs, xs_ref)): assert_close_finite(a, b, **TOL, msg=lambda m: f"step {i}: {m}")
     return max((a - b).abs().max().item() for a, b in zip(xs, xs_ref))
 
 # --- timesteps ---------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def test_zero_terminal_snr_loop():
 def test_zero_terminal_snr_alphas():
     s = DDPMScheduler(rescale_betas_zero_snr=True)
     assert s.alphas_cumprod[-1] == 0
-    torch.testing.assert_close(s.betas, diffusers.DDPMScheduler(rescale_betas_zero_snr=True).betas, rtol=0, atol=0)
+    assert_close_finite(s.betas, diffusers.DDPMScheduler(rescale_betas_zero_snr=True).betas, rtol=0, atol=0)
 
 def test_learned_variances():
     g = torch.Generator().manual_seed(3)
@@ -96,7 +97,7 @@ def test_custom_timesteps():
         assert ours.previous_timestep(t) == ref.previous_timestep(t)
         x = ours.step(toy_model_fn(x, t), t, x, generator=g1).prev_sample
         y = ref.step(toy_model_fn(y, t), t, y, generator=g2).prev_sample
-        torch.testing.assert_close(x, y, **TOL)
+        assert_close_finite(x, y, **TOL)
 
 def test_training_chain_without_set_timesteps():
     def chain(s):
@@ -104,7 +105,7 @@ def test_training_chain_without_set_timesteps():
         for t in reversed(range(len(s))): x = s.step(toy_model_fn(x, t), t, x, generator=g).prev_sample
         return x
     x, y = chain(DDPMScheduler()), chain(diffusers.DDPMScheduler())
-    torch.testing.assert_close(x, y, **TOL)
+    assert_close_finite(x, y, **TOL)
     assert abs(x.abs().sum().item() - 258.9606) < 1e-2
 
 def test_step_outputs_and_tuple():
@@ -112,12 +113,12 @@ def test_step_outputs_and_tuple():
     x = dummy_sample_deter(); eps = toy_model_fn(x, 500)
     a = s.step(eps, 500, x, generator=torch.Generator().manual_seed(1))
     b = r.step(eps, 500, x, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(a.prev_sample, b.prev_sample, **TOL)
-    torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, **TOL)
+    assert_close_finite(a.prev_sample, b.prev_sample, **TOL)
+    assert_close_finite(a.pred_original_sample, b.pred_original_sample, **TOL)
     prev, x0 = s.step(eps, torch.tensor(500), x, generator=torch.Generator().manual_seed(1), return_dict=False)
-    torch.testing.assert_close(prev, b.prev_sample, **TOL)
+    assert_close_finite(prev, b.prev_sample, **TOL)
     last = s.step(eps, 0, x)  # t = 0 draws no noise: deterministic without a generator
-    torch.testing.assert_close(last.prev_sample, r.step(eps, 0, x).prev_sample, **TOL)
+    assert_close_finite(last.prev_sample, r.step(eps, 0, x).prev_sample, **TOL)
 
 def test_step_fp16_and_float64_dtypes():
     for dtype in (torch.float16, torch.float64):
@@ -125,18 +126,18 @@ def test_step_fp16_and_float64_dtypes():
         a = DDPMScheduler().step(eps, 300, x, generator=torch.Generator().manual_seed(0)).prev_sample
         b = diffusers.DDPMScheduler().step(eps, 300, x, generator=torch.Generator().manual_seed(0)).prev_sample
         assert a.dtype == b.dtype == dtype
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_close_finite(a, b, rtol=0, atol=0)
 
 def test_add_noise_and_velocity():
     ours, ref = DDPMScheduler(), diffusers.DDPMScheduler()
     x0 = dummy_sample_deter(); eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
     for ts in (torch.tensor([0, 10, 500, 999]), torch.tensor(250), torch.tensor([7])):
-        torch.testing.assert_close(ours.add_noise(x0, eps, ts), ref.add_noise(x0, eps, ts), **TOL)
-        torch.testing.assert_close(ours.get_velocity(x0, eps, ts), ref.get_velocity(x0, eps, ts), **TOL)
-    torch.testing.assert_close(ours.add_noise(x0, eps, 250), ref.add_noise(x0, eps, torch.tensor(250)), **TOL)
+        assert_close_finite(ours.add_noise(x0, eps, ts), ref.add_noise(x0, eps, ts), **TOL)
+        assert_close_finite(ours.get_velocity(x0, eps, ts), ref.get_velocity(x0, eps, ts), **TOL)
+    assert_close_finite(ours.add_noise(x0, eps, 250), ref.add_noise(x0, eps, torch.tensor(250)), **TOL)
     h = ours.add_noise(x0.half(), eps.half(), torch.tensor([1, 2, 3, 4]))
     assert h.dtype == torch.float16
-    torch.testing.assert_close(h, ref.add_noise(x0.half(), eps.half(), torch.tensor([1, 2, 3, 4])), rtol=0, atol=0)
+    assert_close_finite(h, ref.add_noise(x0.half(), eps.half(), torch.tensor([1, 2, 3, 4])), rtol=0, atol=0)
 
 def test_misc_api():
     s = DDPMScheduler()
@@ -150,7 +151,7 @@ def test_from_pretrained_real_config_and_round_trip(tmp_path):
     ref = diffusers.DDPMScheduler.from_pretrained(tmp_path)
     for k, v in ref.config.items():
         if not k.startswith('_'): assert s.config[k] == v, k
-    torch.testing.assert_close(s.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=0)
+    assert_close_finite(s.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=0)
     s2 = DDPMScheduler.from_pretrained(tmp_path, prediction_type='v_prediction')
     assert s2.config.prediction_type == 'v_prediction'
     s2.save_pretrained(tmp_path / 'saved')
@@ -218,3 +219,39 @@ def test_add_noise_errors():
 def test_full_size_1000_steps_batch(kw):
     sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert_loops_match({**CAT, **kw}, 1000, sample=sample)
+
+# --- moved from nbs/03_ddpm_scheduler: spacings, bad step counts and timesteps, variance names ------------
+
+def test_notebook_timesteps_and_errors():
+    test = DDPMScheduler
+    assert ddpm_timesteps(25)[[0, -1]].tolist() == [960, 0] and ddpm_timesteps(1000)[[0, -1]].tolist() == [999, 0]
+    assert ddpm_timesteps(50, timestep_spacing='trailing')[[0, -1]].tolist() == [999, 19]
+    assert ddpm_timesteps(4, timestep_spacing='linspace').tolist() == [999, 666, 333, 0]
+    with pytest.raises(ValueError, match="unknown timestep_spacing 'uniform'"): ddpm_timesteps(10, timestep_spacing='uniform')
+    s = test()
+    assert len(s) == 1000 and s.timesteps[[0, -1]].tolist() == [999, 0]
+    s.set_timesteps(50)
+    assert s.timesteps[:3].tolist() == [980, 960, 940] and s.timesteps.dtype == torch.int64
+    for n, msg in [(1001, 'num_inference_steps=1001'), (0, 'num_inference_steps=0')]:
+        with pytest.raises(ValueError, match=msg): s.set_timesteps(n)
+    with pytest.raises(TypeError, match='must be an int'): s.set_timesteps(50.0)
+    assert len(s.timesteps) == 50                       # a refused call leaves the schedule as it was
+    with pytest.raises(ValueError, match='timestep 981 is not one'): s.previous_timestep(981)
+    with pytest.raises(ValueError, match='descending'): s.set_timesteps(timesteps=[5, 10])
+    with pytest.raises(ValueError, match="unknown variance_type 'small'"): test(variance_type='small')
+
+
+def test_notebook_prediction_and_variance_errors():
+    from minidiff.ddpm_scheduler import predict_original_sample, posterior_std
+    ab = DDPMScheduler().alphas_cumprod
+    with pytest.raises(ValueError, match="unknown prediction_type 'noise'"):
+        predict_original_sample(torch.zeros(1), torch.zeros(1), ab[600], 'noise')
+    with pytest.raises(ValueError, match="unknown variance_type 'tiny'"): posterior_std(ab[5], ab[4], 'tiny')
+
+
+def test_fixed_large_variance_never_nan():
+    "beta_t = 1 - alpha_bar_t / alpha_bar_prev is clamped at 0: equal alpha_bars give no noise, not NaN."
+    from minidiff.ddpm_scheduler import posterior_std
+    ab = torch.tensor(0.5)
+    prev = torch.nextafter(ab, torch.tensor(0.0))                    # one float32 below: the ratio is just above 1
+    assert 1 - ab / prev < 0 and posterior_std(ab, prev, 'fixed_large') == 0

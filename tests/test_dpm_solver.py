@@ -7,7 +7,7 @@ import diffusers
 from minidiff.dpm_solver import DPMSolverMultistepScheduler
 from minidiff.schedule import toy_model_fn
 
-from refconfigs import SD, CAT
+from refconfigs import SD, CAT, assert_close_finite
 STEPS = [1, 2, 3, 5, 10, 25, 50]
 
 def rel(a, b): return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
@@ -30,8 +30,8 @@ def run(s, n, x, model=toy_model_fn, begin_index=None):
 def check_loop(ours, ref, n, shape=(2, 4, 8, 8), **kw):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     a, b = run(ours, n, x, **kw), run(ref, n, x, **kw)
-    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0)
-    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=0)
+    assert_close_finite(ours.timesteps, ref.timesteps, rtol=0, atol=0)
+    assert_close_finite(ours.sigmas, ref.sigmas, rtol=0, atol=0)
     assert ours.init_noise_sigma == ref.init_noise_sigma and ours.num_inference_steps == ref.num_inference_steps
     err = max(rel(p, q) for p, q in zip(a, b))
     assert err < 1e-5, (n, err)
@@ -104,7 +104,7 @@ def test_cosine_karras_repeated_timesteps():
     a, b = pair(SD, beta_schedule='squaredcos_cap_v2', use_karras_sigmas=True)
     check_loop(a, b, 2)
     for s in (a, b): s.set_timesteps(5)
-    torch.testing.assert_close(a.timesteps, b.timesteps, rtol=0, atol=0)
+    assert_close_finite(a.timesteps, b.timesteps, rtol=0, atol=0)
     assert a.timesteps[0] == a.timesteps[1]
     with pytest.raises(IndexError): run(b, 5, torch.ones(1, 1, 2, 2))
     with pytest.raises(ValueError, match='all 5 steps are done'): run(a, 5, torch.ones(1, 1, 2, 2))
@@ -121,9 +121,9 @@ def test_begin_index_add_noise_and_missing_timestep():
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     for s in (a, b): s.set_timesteps(20)
     ts = a.timesteps[[5, 7]]
-    torch.testing.assert_close(a.add_noise(x0, noise, ts), b.add_noise(x0, noise, ts), rtol=0, atol=0)
+    assert_close_finite(a.add_noise(x0, noise, ts), b.add_noise(x0, noise, ts), rtol=0, atol=0)
     missing = torch.tensor([3, 998])  # not in the schedule: diffusers uses the last step
-    torch.testing.assert_close(a.add_noise(x0, noise, missing), b.add_noise(x0, noise, missing), rtol=0, atol=0)
+    assert_close_finite(a.add_noise(x0, noise, missing), b.add_noise(x0, noise, missing), rtol=0, atol=0)
     check_loop(a, b, 20, begin_index=5)
 
 def test_half_precision_tuple_and_round_trip():
@@ -132,7 +132,7 @@ def test_half_precision_tuple_and_round_trip():
     for s in (a, b): s.set_timesteps(5)
     outs = [s.step(toy_model_fn(x, s.timesteps[0]), s.timesteps[0], x, return_dict=False) for s in (a, b)]
     assert len(outs[0]) == 1 and outs[0][0].dtype == torch.float16
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    assert_close_finite(outs[0][0], outs[1][0], rtol=0, atol=0)
     with tempfile.TemporaryDirectory() as d:
         a.save_pretrained(d)
         c = diffusers.DPMSolverMultistepScheduler.from_pretrained(d)
@@ -147,3 +147,15 @@ def test_full_grid(cfg):
             for karras in [False, True]:
                 for n in STEPS + [100, 999]:
                     check_loop(*pair(cfg, prediction_type=pred, timestep_spacing=spacing, use_karras_sigmas=karras), n)
+
+
+def test_bad_input_messages():
+    "Moved from nbs/19_dpm_solver: what cannot run raises when built or stepped, with the value named."
+    for kw, msg in [(dict(algorithm_type='unipc'), "algorithm_type 'unipc'"),
+                    (dict(algorithm_type='dpmsolver'), "use 'sigma_min'"),
+                    (dict(prediction_type='x0'), "prediction_type 'x0'"),
+                    (dict(beta_schedule='cosine'), "beta_schedule 'cosine'")]:
+        with pytest.raises(ValueError, match=msg): DPMSolverMultistepScheduler(**kw)
+    s = DPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), 999, torch.zeros(1))
+    with pytest.raises(ValueError, match='num_inference_steps=1001'): s.set_timesteps(1001)

@@ -6,7 +6,7 @@ import diffusers
 from minidiff.euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
-from refconfigs import SD, CAT
+from refconfigs import SD, CAT, assert_close_finite
 PAIRS = [(EulerDiscreteScheduler, diffusers.EulerDiscreteScheduler),
          (EulerAncestralDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler)]
 STEPS = [1, 2, 3, 5, 10, 25, 50]
@@ -29,8 +29,8 @@ def run(s, n, x, seed=0, model=toy_model_fn, begin_index=None, **step_kw):
 def check_loop(ours, ref, n, rtol=1e-5, **kw):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     a, b = run(ours, n, x, **kw), run(ref, n, x, **kw)
-    torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0)
-    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0, atol=0)
+    assert_close_finite(ours.timesteps, ref.timesteps, rtol=0, atol=0)
+    assert_close_finite(ours.sigmas, ref.sigmas, rtol=0, atol=0)
     assert torch.as_tensor(ours.init_noise_sigma).item() == torch.as_tensor(ref.init_noise_sigma).item()
     errs = [max(rel(p, q), rel(p0, q0)) for (p, p0), (q, q0) in zip(a, b)]
     assert max(errs) < rtol, (n, kw, max(errs))
@@ -106,10 +106,10 @@ def test_begin_index_and_add_noise(ours, ref):
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([999., 500.])  # before set_timesteps: the training timesteps
-    torch.testing.assert_close(a.add_noise(x0, noise, t), b.add_noise(x0, noise, t), rtol=0, atol=0)
+    assert_close_finite(a.add_noise(x0, noise, t), b.add_noise(x0, noise, t), rtol=0, atol=0)
     for s in (a, b): s.set_timesteps(10)
     ts = a.timesteps[[3, 3]]
-    torch.testing.assert_close(a.add_noise(x0, noise, ts), b.add_noise(x0, noise, ts), rtol=0, atol=0)
+    assert_close_finite(a.add_noise(x0, noise, ts), b.add_noise(x0, noise, ts), rtol=0, atol=0)
     check_loop(a, b, 10, begin_index=3)
 
 def test_from_diffusers_pndm_config_and_round_trip():
@@ -132,7 +132,7 @@ def test_half_precision_and_tuple_output():
     out_a = a.step(toy_model_fn(a.scale_model_input(x, t), t), t, x, generator=torch.Generator().manual_seed(0), return_dict=False)
     out_b = b.step(toy_model_fn(b.scale_model_input(x, t), t), t, x, generator=torch.Generator().manual_seed(0), return_dict=False)
     assert len(out_a) == 2 and out_a[0].dtype == torch.float16
-    torch.testing.assert_close(out_a[0], out_b[0], rtol=0, atol=0)
+    assert_close_finite(out_a[0], out_b[0], rtol=0, atol=0)
 
 @pytest.mark.slow
 @pytest.mark.parametrize('ours, ref', PAIRS)
@@ -143,3 +143,17 @@ def test_full_grid(ours, ref):
                 for n in STEPS + [100, 1000]:
                     kw = dict(prediction_type=pred, timestep_spacing=spacing)
                     check_loop(ours.from_config(cfg, **kw), ref.from_config(cfg, **kw), n)
+
+
+def test_bad_input_messages():
+    "Moved from nbs/18_euler: unknown config values, stepping before set_timesteps, a bad step count."
+    for make, msg in [(lambda: EulerDiscreteScheduler(beta_schedule='cosine'), "beta_schedule 'cosine'"),
+                      (lambda: EulerDiscreteScheduler(prediction_type='flow'), "prediction_type 'flow'"),
+                      (lambda: EulerAncestralDiscreteScheduler(prediction_type='sample'), "prediction_type 'sample'"),
+                      (lambda: EulerDiscreteScheduler(timestep_spacing='even'), "timestep_spacing 'even'")]:
+        with pytest.raises(ValueError, match=msg): make()
+    s = EulerDiscreteScheduler()
+    with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), torch.tensor(999.), torch.zeros(1))
+    with pytest.raises(ValueError, match='num_inference_steps=0'): s.set_timesteps(0)
+    s.set_timesteps(2)
+    with pytest.raises(ValueError, match='integer timestep 0'): s.step(torch.zeros(1), 0, torch.zeros(1))

@@ -6,7 +6,7 @@ import diffusers.schedulers.scheduling_lms_discrete as lms_ref
 from minidiff.lms import LMSDiscreteScheduler, beta_ppf, gauss_legendre, lms_coefficient
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
-from refconfigs import SD, CAT
+from refconfigs import SD, CAT, assert_close_finite
 
 
 Ref = lms_ref.LMSDiscreteScheduler
@@ -28,7 +28,7 @@ def assert_loops_close(ours, ref, n, x_T=None, **step_kwargs):
     assert torch.equal(torch.as_tensor(ours.init_noise_sigma), torch.as_tensor(ref.init_noise_sigma))
     scales = torch.stack([x.abs().max() for x in (x_T * ref.init_noise_sigma, *xs_ref)]).cummax(0).values[1:]
     for x, x_ref, scale in zip(xs, xs_ref, scales, strict=True):  # atol: 1e-5 of the largest sample so far
-        torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-5 * scale.item())
+        assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-5 * scale.item())
 
 
 @pytest.mark.parametrize("config", [SD, CAT], ids=["sd", "cat"])
@@ -69,16 +69,16 @@ def test_begin_index_and_add_noise():
     ours, ref = pair(SD, 20)
     x, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = ours.timesteps[[3, 7]]
-    torch.testing.assert_close(ours.add_noise(x, noise, t), ref.add_noise(x, noise, t), rtol=0, atol=0)
+    assert_close_finite(ours.add_noise(x, noise, t), ref.add_noise(x, noise, t), rtol=0, atol=0)
     for s in (ours, ref): s.set_begin_index(5)  # img2img: start 5 steps down the schedule
     starts = [s.add_noise(x, noise, s.timesteps[5:6]) for s in (ours, ref)]
-    torch.testing.assert_close(starts[0], starts[1], rtol=0, atol=0)
+    assert_close_finite(starts[0], starts[1], rtol=0, atol=0)
     outs = []
     for s, x_t in zip((ours, ref), starts):
         for t in s.timesteps[5:]:
             x_t = s.step(toy_model_fn(s.scale_model_input(x_t, t), t), t, x_t).prev_sample
         outs.append(x_t)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert_close_finite(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     assert ours.step_index == 20
 
 
@@ -89,7 +89,7 @@ def test_return_tuple_and_pred_original_sample():
     a = ours.step(x * 0.3, t, ours.scale_model_input(x, t), return_dict=False)
     b = ref.step(x * 0.3, t, ref.scale_model_input(x, t), return_dict=False)
     assert isinstance(a, tuple) and len(a) == 2
-    for u, v in zip(a, b): torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+    for u, v in zip(a, b): assert_close_finite(u, v, rtol=1e-6, atol=1e-6)
 
 
 def test_works_without_set_timesteps_like_diffusers():
@@ -180,7 +180,7 @@ def test_beta_sigmas_schedule():
     assert len(s.timesteps) == 25 and s.timesteps[0] == 999 and (s.timesteps.diff() < 0).all()
     plain = LMSDiscreteScheduler.from_config(SD)
     plain.set_timesteps(25)
-    torch.testing.assert_close(sig[[0, -1]], plain.sigmas[[0, -2]].double(), rtol=1e-7, atol=0)  # same range
+    assert_close_finite(sig[[0, -1]], plain.sigmas[[0, -2]].double(), rtol=1e-7, atol=0)  # same range
     mid = (sig[12] - sig[-1]) / (sig[0] - sig[-1])  # the Beta(0.6, 0.6) median is 1/2
     assert abs(mid.item() - 0.5) < 1e-6
     assert_loops_close(*pair(SD, use_beta_sigmas=True), 10)
@@ -193,3 +193,13 @@ def test_init_noise_sigma_by_spacing(tmp_path):
     ours.save_pretrained(tmp_path)
     assert LMSDiscreteScheduler.from_pretrained(tmp_path).config.timestep_spacing == 'trailing'
     assert LMSDiscreteScheduler in ours.compatibles and np.isclose(float(pair(SD, 25)[0].init_noise_sigma), 14.6146, atol=1e-4)
+
+
+def test_sd_config_sigmas_scaling_and_add_noise():
+    "Moved from nbs/17_lms: the final sigma, the input scaling and the forward process with SD's config."
+    lms = LMSDiscreteScheduler.from_config(SD)
+    lms.set_timesteps(25)
+    assert len(lms.sigmas) == 26 and lms.sigmas[-1] == 0
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lms.scale_model_input(x, lms.timesteps[0]), x / (lms.sigmas[0] ** 2 + 1).sqrt())
+    torch.testing.assert_close(lms.add_noise(torch.zeros(1), torch.ones(1), lms.timesteps[:1]), lms.sigmas[:1])

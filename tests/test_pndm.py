@@ -7,7 +7,7 @@ from minidiff.unipc import UniPCMultistepScheduler
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
 import diffusers
-from refconfigs import SD, CAT
+from refconfigs import SD, CAT, assert_close_finite
 STEPS = [1, 2, 3, 5, 10, 25, 50, 100]
 OPTIONS = [dict(skip_prk_steps=True), dict(skip_prk_steps=False), dict(skip_prk_steps=True, set_alpha_to_one=True),
            dict(skip_prk_steps=True, prediction_type='v_prediction'), dict(skip_prk_steps=False, prediction_type='v_prediction'),
@@ -38,7 +38,7 @@ def test_full_loop_parity(name, config, kw, n):
     assert ts.tolist() == ts_ref.tolist() and ours.init_noise_sigma == ref.init_noise_sigma
     assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod) and torch.equal(ours.final_alpha_cumprod, ref.final_alpha_cumprod)
     assert len(xs) == len(xs_ref) == ((n + 1 if n > 1 else 1) if kw['skip_prk_steps'] else 4 * 3 + n - 3)
-    for x, x_ref in zip(xs, xs_ref): torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+    for x, x_ref in zip(xs, xs_ref): assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-6)
     WORST[name, str(kw), n] = max((x - x_ref).abs().max().item() for x, x_ref in zip(xs, xs_ref))
 
 def test_reference_sums():
@@ -79,7 +79,7 @@ def test_add_noise_parity():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([999, 500, 0])
-    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)
+    assert_close_finite(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)
 
 def test_configs_across_schedulers(tmp_path):
     strip = lambda c: {k: v for k, v in c.items() if k != '_use_default_values'}
@@ -98,7 +98,7 @@ def test_configs_across_schedulers(tmp_path):
     assert strip(diffusers.PNDMScheduler.from_pretrained(tmp_path).config) == strip(ref.config)
     assert {PNDMScheduler, UniPCMultistepScheduler} <= set(ours.compatibles)
     x, x_ref = (scheduler_loop(s, 10, sample(), toy_model_fn)[1][-1] for s in (back, back_ref))
-    torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+    assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-6)
 
 @pytest.mark.parametrize('kw,msg', [
     (dict(beta_schedule='cosine'), "unknown beta_schedule 'cosine'"),
@@ -132,8 +132,18 @@ def test_low_and_high_precision_parity(dtype, skip_prk_steps):
           for cls in (PNDMScheduler, diffusers.PNDMScheduler)]
     for x, x_ref in zip(*xs):
         assert x.dtype == dtype
-        torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+        assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-6)
 
 def test_worst_parity_error_report():
     if WORST: print(f"\nPNDM worst |ours - diffusers| over {len(WORST)} loops: {max(WORST.values()):.3e}")
 
+
+
+def test_notebook_timesteps_and_errors():
+    "Moved from nbs/12_pndm: base and PLMS timesteps, and the spacing error."
+    from minidiff.pndm import pndm_timesteps, pndm_step_timesteps
+    base = pndm_timesteps(50, steps_offset=1)
+    assert base[[0, 1, -1]].tolist() == [1, 21, 981]
+    assert pndm_step_timesteps(pndm_timesteps(3, steps_offset=1), 3)[1].tolist() == [667, 334, 334, 1]
+    assert pndm_step_timesteps(pndm_timesteps(10), 10, skip_prk_steps=False)[1][0] == 600
+    with pytest.raises(ValueError, match="timestep_spacing 'even'"): pndm_timesteps(5, timestep_spacing='even')

@@ -6,7 +6,7 @@ from minidiff.unipc import UniPCMultistepScheduler
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
 import diffusers
-from refconfigs import SD, CAT
+from refconfigs import SD, CAT, assert_close_finite
 STEPS = [1, 2, 3, 5, 10, 25, 50, 100]
 OPTIONS = [{}, dict(solver_type='bh1', final_sigmas_type='sigma_min'), dict(solver_order=3), dict(solver_order=1),
            dict(disable_corrector=[0, 2]), dict(timestep_spacing='leading'), dict(timestep_spacing='trailing'),
@@ -26,7 +26,7 @@ def loop_pair(config, n, **kw):
     ts_ref, xs_ref = scheduler_loop(ref, n, sample(), toy_model_fn)
     assert ours.init_noise_sigma == ref.init_noise_sigma
     exact = not kw.get('rescale_betas_zero_snr')   # minidiff.schedule.rescale_zero_terminal_snr rounds differently (~1 ulp)
-    torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=0 if exact else 1e-5, atol=0)
+    assert_close_finite(ours.sigmas, ref.sigmas, rtol=0 if exact else 1e-5, atol=0)
     return ts, xs, ts_ref, xs_ref
 
 def _grid():
@@ -42,7 +42,7 @@ def test_full_loop_parity(name, config, kw, n):
     ts, xs, ts_ref, xs_ref = loop_pair(config, n, **kw)
     assert ts.tolist() == ts_ref.tolist()
     assert len(xs) == len(xs_ref) == n
-    for x, x_ref in zip(xs, xs_ref): torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+    for x, x_ref in zip(xs, xs_ref): assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-6)
     WORST[name, str(kw), n] = max((x - x_ref).abs().max().item() for x, x_ref in zip(xs, xs_ref))
 
 @pytest.mark.parametrize('kw', [dict(solver_type='bh1'), dict(predict_x0=False)])
@@ -66,7 +66,7 @@ def test_timesteps_and_sigmas_sd():
     assert s.timesteps.tolist() == [999, 959, 919, 879, 839, 799, 759, 719, 679, 639, 599, 559, 519, 480, 440, 400,
                                     360, 320, 280, 240, 200, 160, 120, 80, 40]
     assert s.timesteps.dtype == torch.int64 and s.init_noise_sigma == 1.0 and s.order == 1
-    torch.testing.assert_close(s.sigmas[[0, 1, 2, -3, -2, -1]], torch.tensor([14.614647, 11.542775, 9.237426, 0.298264, 0.199059, 0.0]))
+    assert_close_finite(s.sigmas[[0, 1, 2, -3, -2, -1]], torch.tensor([14.614647, 11.542775, 9.237426, 0.298264, 0.199059, 0.0]))
     s.set_timesteps(20); assert s.timesteps[[0, 10, -1]].tolist() == [999, 500, 50]
     s.set_timesteps(3); assert s.timesteps.tolist() == [999, 666, 333]
     ref = diffusers.UniPCMultistepScheduler.from_config(SD); ref.set_timesteps(3)
@@ -80,14 +80,14 @@ def test_begin_index_and_add_noise_parity():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([999, 500])
-    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)  # before set_timesteps
+    assert_close_finite(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)  # before set_timesteps
     xs = []
     for s in (ours, ref):
         s.set_timesteps(25); s.set_begin_index(10)
         x = s.add_noise(x0, noise, s.timesteps[10:11])
         for tt in s.timesteps[10:]: x = s.step(toy_model_fn(x, tt), tt, x).prev_sample
         xs.append(x)
-    torch.testing.assert_close(xs[0], xs[1], rtol=1e-5, atol=1e-6)
+    assert_close_finite(xs[0], xs[1], rtol=1e-5, atol=1e-6)
 
 def test_step_outputs_and_dtype():
     s = UniPCMultistepScheduler.from_config(SD); s.set_timesteps(5)
@@ -111,7 +111,7 @@ def test_from_dpm_solver_config_maps_solver_type():
     ours, ref = UniPCMultistepScheduler.from_config(dpm.config), diffusers.UniPCMultistepScheduler.from_config(dpm.config)
     assert ours.config.solver_type == ref.config.solver_type == 'bh2'
     x, x_ref = (scheduler_loop(s, 10, sample(), toy_model_fn)[1][-1] for s in (ours, ref))
-    torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+    assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-6)
 
 @pytest.mark.parametrize('kw,msg', [
     (dict(beta_schedule='cosine'), "unknown beta_schedule 'cosine'"),
@@ -152,7 +152,7 @@ def test_low_and_high_precision_parity(dtype, kw):
           for cls in (UniPCMultistepScheduler, diffusers.UniPCMultistepScheduler)]
     for x, x_ref in zip(*xs):
         assert x.dtype == dtype
-        torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-6)
+        assert_close_finite(x, x_ref, rtol=1e-5, atol=1e-6)
 
 def test_step_after_last_timestep():
     s = UniPCMultistepScheduler.from_config(SD); s.set_timesteps(2)
@@ -160,3 +160,23 @@ def test_step_after_last_timestep():
     for t in s.timesteps: x = s.step(toy_model_fn(x, t), t, x).prev_sample
     with pytest.raises(ValueError, match="all 2 steps are done: call set_timesteps"): s.step(x, 0, x)
     s.set_timesteps(2); s.step(toy_model_fn(x, 999), 999, x)
+
+
+def test_unipc_schedule_errors_and_index():
+    "Moved from nbs/11_unipc: the schedule's step-count error and the index of a timestep."
+    from minidiff.unipc import unipc_schedule
+    from minidiff.schedule import train_schedule
+    cfg = dict(num_train_timesteps=1000, use_karras_sigmas=False, timestep_spacing='linspace', steps_offset=1,
+               final_sigmas_type='zero')
+    ac = train_schedule(1000, 0.00085, 0.012, 'scaled_linear')[1]
+    with pytest.raises(ValueError, match="num_inference_steps=1001 must be between 1 and num_train_timesteps=1000"):
+        unipc_schedule(ac, 1001, cfg)
+    s = UniPCMultistepScheduler.from_config(SD)
+    s.set_timesteps(25)
+    assert s.index_for_timestep(959) == 1 and s.index_for_timestep(3) == 24   # missing: the last step
+
+
+def test_threshold_in_x0_space():
+    from minidiff.schedule import threshold_sample
+    x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert threshold_sample(x0 * 5, 0.995, 1.0).abs().max().item() == pytest.approx(1.0)

@@ -7,13 +7,6 @@ from __future__ import annotations
 import time
 import torch
 from .core import _REGISTRY
-from .ddpm_scheduler import DDPMScheduler
-from .ddim import DDIMScheduler
-from .pndm import PNDMScheduler
-from .lms import LMSDiscreteScheduler
-from .euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
-from .dpm_solver import DPMSolverMultistepScheduler
-from .unipc import UniPCMultistepScheduler
 
 # %% auto #0
 __all__ = ['GALLERY_STEPS', 'swap_scheduler', 'compare_schedulers']
@@ -31,7 +24,8 @@ def swap_scheduler(pipe, # a pipeline with a `.scheduler`
 
 # %% ../nbs/20_scheduler_gallery.ipynb #660532f9
 GALLERY_STEPS = {'PNDMScheduler': 50, 'DDIMScheduler': 50, 'LMSDiscreteScheduler': 50, 'EulerDiscreteScheduler': 30,
-                 'EulerAncestralDiscreteScheduler': 30, 'DPMSolverMultistepScheduler': 20, 'UniPCMultistepScheduler': 20}
+                 'EulerAncestralDiscreteScheduler': 30, 'DPMSolverMultistepScheduler': 20,
+                 'UniPCMultistepScheduler': 20}
 
 def compare_schedulers(pipe, # a text-to-image pipeline
                        prompt, # the prompt for every scheduler
