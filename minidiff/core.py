@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_to_config', 'patch',
-           'CheckpointNotFoundError', 'resolve_file', 'ConfigMixin', 'check_generators', 'randn_tensor', 'pt_to_numpy',
-           'numpy_to_pil', 'image_grid', 'show_images']
+__all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_class',
+           'register_to_config', 'patch', 'CheckpointNotFoundError', 'resolve_file', 'ConfigMixin', 'check_generators',
+           'randn_tensor', 'pt_to_numpy', 'numpy_to_pil', 'image_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #85f994b2
 class BaseOutput(OrderedDict):
@@ -43,6 +43,11 @@ class FrozenDict(OrderedDict):
 
 # %% ../nbs/00_core.ipynb #c36214ae
 _REGISTRY = {}  # class name -> minidiff class, filled as modules are imported
+
+def register_class(cls):
+    "Enter a minidiff class in the registry by name (classes defined outside the library are left out)."
+    if cls.__module__.startswith('minidiff.'): _REGISTRY[cls.__name__] = cls
+    return cls
 
 def register_to_config(init):
     "Decorate `__init__` so that its arguments (given or default) are stored in `self.config`."
@@ -127,7 +132,7 @@ class ConfigMixin:
     ignore_for_config = []      # `__init__` arguments that are not config
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__module__.startswith('minidiff.'): _REGISTRY[cls.__name__] = cls   # the library's classes only
+        register_class(cls)
     def register_to_config(self, **kwargs):
         object.__setattr__(self, '_internal_dict', FrozenDict({**getattr(self, '_internal_dict', {}), **kwargs}))
     @property
