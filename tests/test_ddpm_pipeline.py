@@ -95,8 +95,8 @@ def fake_hub_cache(root, folder, repo_id="google/ddpm-cat-256"):
 
 @pytest.mark.parametrize("config", ["small", pytest.param("real", marks=pytest.mark.slow)])
 def test_tutorial_ddpm_code_unchanged(tmp_path, monkeypatch, config):
-    "The diffusers tutorial's DDPM code (Understanding pipelines, models and schedulers), only its import changed
-    (and cuda -> cpu), from a Hub cache laid out like google/ddpm-cat-256."
+    """The diffusers tutorial's DDPM code (Understanding pipelines, models and schedulers), only its import changed
+    (and cuda -> cpu), from a Hub cache laid out like google/ddpm-cat-256."""
     cfg = SMALL if config == "small" else json.loads((REF/"config.json").read_text())
     folder = write_cat_folder(tmp_path/"repo", cfg)
     monkeypatch.setenv("HF_HUB_CACHE", str(fake_hub_cache(tmp_path/"cache", folder)))
