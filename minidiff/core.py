@@ -69,7 +69,7 @@ def patch(f=None, *, cls_method=False, as_prop=False):
     "Add `f` to the class its first parameter is annotated with (`def step(self: DDPMScheduler)`), as fastcore's."
     if f is None: return functools.partial(patch, cls_method=cls_method, as_prop=as_prop)
     cls = f.__annotations__[next(iter(inspect.signature(f).parameters))]
-    if isinstance(cls, str): cls = eval(cls, f.__globals__)  # `from __future__ import annotations` keeps names as text
+    if isinstance(cls, str): cls = eval(cls, inspect.unwrap(f).__globals__)  # `from __future__ import annotations`
     f.__qualname__ = f'{cls.__name__}.{f.__name__}'
     setattr(cls, f.__name__, classmethod(f) if cls_method else property(f) if as_prop else f)
     return f

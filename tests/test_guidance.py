@@ -3,7 +3,7 @@ import numpy as np, pytest, torch
 import minidiff
 from minidiff.guidance import classifier_free_guidance
 from minidiff.latents import prepare_latents, vae_scale_factor
-from minidiff.sd_pipeline import save_tiny_sd
+from minidiff.tiny_sd import save_tiny_sd
 
 def pair(b=2, seed=0, dtype=torch.float32):
     u, t = torch.randn(2, b, 4, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=dtype)

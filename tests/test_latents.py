@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 import minidiff
 from minidiff.latents import prepare_latents, vae_scale_factor
-from minidiff.sd_pipeline import save_tiny_sd
+from minidiff.tiny_sd import save_tiny_sd
 
 CONFIGS = Path(__file__).parents[1]/"nbs"/"configs"
 SCHEDULERS = ["UniPCMultistepScheduler", "PNDMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",

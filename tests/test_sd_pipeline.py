@@ -65,7 +65,7 @@ def test_guidance_scale_one_runs_one_unet_pass(sd):
     (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
     (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt"),
     (dict(prompt=["a", "b"], generator=[torch.Generator()]), ValueError, "1 generators for 2 images"),
-    (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), ValueError, "3 negative prompts for 2 prompts"),
+    (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), ValueError, "negative_prompt must be one prompt or one per prompt: got 3 negative prompts for 2 prompts"),
     (dict(prompt=42), TypeError, "prompt must be a string or a list of strings"),
     (dict(prompt=["a", 3]), TypeError, "prompt must be a string"),
     (dict(negative_prompt=5), TypeError, "negative_prompt"),
