@@ -101,7 +101,7 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     "Base of minidiff models: config, strict `from_pretrained` and `save_pretrained` in the diffusers layout."
     config_name = 'config.json'
     weights_name = 'diffusion_pytorch_model'
-    bin_weights_name = None                   # the `.bin` fallback's name when it differs (transformers: `pytorch_model`)
+    bin_weights_name = None                   # the `.bin` fallback's name if it differs (transformers: `pytorch_model`)
     _keys_to_ignore_on_load_unexpected = []   # regexes of stored keys that the model recomputes
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, *, torch_dtype=None, variant=None,
