@@ -59,6 +59,7 @@ def find_weights(path_or_repo_id, names, # file names to try, best first
 LEGACY_ATTENTION_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
 _legacy_key = re.compile(r'^(.*)\.(query|key|value|proj_attn)\.(weight|bias)$')
 
+# %% ../nbs/01_loading.ipynb #d56617ce
 def fix_legacy_keys(state_dict, # name -> tensor, as stored in the file
                     expected, # key names the model has
                     ignore=()): # regexes of stored keys to drop (recomputed buffers)

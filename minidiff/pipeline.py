@@ -37,6 +37,7 @@ def _load_part(path, name, cls, model_kwargs, hub):
     kw = model_kwargs if issubclass(cls, torch.nn.Module) else {}
     return cls.from_pretrained(path, subfolder=sub, **kw, **hub)
 
+# %% ../nbs/06_pipeline.ipynb #942c60ec
 def _library(part): return 'transformers' if type(part).__name__.startswith('CLIP') else 'diffusers'
 
 # %% ../nbs/06_pipeline.ipynb #5b0daf5f

@@ -45,6 +45,7 @@ def _tiny_parts(tokenizer=None):
                 tokenizer=tokenizer or CLIPTokenizer.from_bpe_file(),
                 scheduler=PNDMScheduler.from_config(TINY_SD['scheduler']))
 
+# %% ../nbs/14a_tiny_sd.ipynb #2ecce65d
 def _library(part): return 'transformers' if type(part).__name__.startswith('CLIP') else 'diffusers'
 
 _NOT_BUILT = dict(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],

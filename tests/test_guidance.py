@@ -38,7 +38,7 @@ def test_refuses_what_is_not_a_doubled_batch(shape):
 def sd(tmp_path_factory): return save_tiny_sd(tmp_path_factory.mktemp("sd")/"sd-v1-5")
 
 def hand_loop(folder, scheduler, prompts, generator, steps, guidance_scale, size=64):
-    "Document 002's loop with minidiff's parts, prepare_latents and classifier_free_guidance; (B, H, W, 3) in [0, 1]."
+    "The diffusers tutorial's loop (Understanding pipelines, models and schedulers) with minidiff's parts, prepare_latents and classifier_free_guidance; (B, H, W, 3) in [0, 1]."
     tok = minidiff.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     te = minidiff.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
     unet = minidiff.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")

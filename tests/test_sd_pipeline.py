@@ -167,7 +167,7 @@ OUR_IMPORTS = ("from minidiff import CLIPTextModel, CLIPTokenizer\n"
                "from minidiff import UniPCMultistepScheduler")
 
 def test_tutorial_sd_code_unchanged(sd, tmp_path):
-    "Document 002's Stable Diffusion section, imports changed (and cuda -> cpu, 64 px for the tiny model), same image."
+    "The Stable Diffusion section of the diffusers tutorial (Understanding pipelines, models and schedulers), imports changed (and cuda -> cpu, 64 px for the tiny model), same image."
     env = {**os.environ, "HF_HUB_CACHE": str(fake_hub_cache(tmp_path/"cache", sd, "CompVis/stable-diffusion-v1-4")),
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     images = []
