@@ -14,7 +14,8 @@ __all__ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError',
            'swap_scheduler', 'compare_schedulers']
 
 # %% ../nbs/99_init.ipynb #011f22dc
-from .core import BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid, show_images, numpy_to_pil
+from .core import (BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid,
+                           show_images, numpy_to_pil)
 from .loading import ModelMixin, CheckpointError
 from .schedule import SchedulerMixin, SchedulerOutput
 from .ddpm_scheduler import DDPMScheduler
@@ -32,10 +33,18 @@ from .latents import prepare_latents, vae_scale_factor
 from .unet_condition import UNet2DConditionModel
 from .guidance import classifier_free_guidance
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
-from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput, save_tiny_sd
+from .tiny_sd import save_tiny_sd
+from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput
 from .scheduler_gallery import swap_scheduler, compare_schedulers
 from .single_file import SD15_CONFIG  # adds from_single_file / save_single_file
 from .lora import LoRALayer  # adds load_lora_weights, fuse_lora, unfuse_lora, unload_lora_weights
 
 # %% ../nbs/99_init.ipynb #9f68c753
-_all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid', 'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput', 'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers']
+_all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid',
+          'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput',
+          'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput',
+          'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler',
+          'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler',
+          'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel',
+          'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline',
+          'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers']

@@ -4,18 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #d74cb90e
 from __future__ import annotations
-import functools, importlib.util, inspect, json, logging, os, re
+import functools, importlib.util, inspect, json, os, re
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_to_config', 'patch',
-           'CheckpointNotFoundError', 'resolve_file', 'ConfigMixin', 'randn_tensor', 'pt_to_numpy', 'numpy_to_pil',
-           'image_grid', 'show_images']
+__all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_class',
+           'register_to_config', 'patch', 'CheckpointNotFoundError', 'resolve_file', 'ConfigMixin', 'check_generators',
+           'randn_tensor', 'pt_to_numpy', 'numpy_to_pil', 'image_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #85f994b2
 class BaseOutput(OrderedDict):
@@ -36,12 +36,18 @@ class FrozenDict(OrderedDict):
     def __getattr__(self, k):
         try: return self[k]
         except KeyError: raise AttributeError(f"config has no key {k!r}") from None
-    def _read_only(self, *args, **kwargs): raise TypeError(f"{type(self).__name__} is read-only: build a new config instead")
+    def _read_only(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is read-only: build a new config instead")
     __setitem__ = __delitem__ = __setattr__ = setdefault = pop = popitem = update = clear = _read_only
     def __reduce__(self): return (type(self), (dict(self),))
 
 # %% ../nbs/00_core.ipynb #c36214ae
 _REGISTRY = {}  # class name -> minidiff class, filled as modules are imported
+
+def register_class(cls):
+    "Enter a minidiff class in the registry by name (classes defined outside the library are left out)."
+    if cls.__module__.startswith('minidiff.'): _REGISTRY[cls.__name__] = cls
+    return cls
 
 def register_to_config(init):
     "Decorate `__init__` so that its arguments (given or default) are stored in `self.config`."
@@ -60,10 +66,10 @@ def register_to_config(init):
 
 # %% ../nbs/00_core.ipynb #a2806dd8
 def patch(f=None, *, cls_method=False, as_prop=False):
-    "Add `f` to the class its first parameter is annotated with (`def step(self: DDPMScheduler)`), as fastcore's `@patch`."
+    "Add `f` to the class its first parameter is annotated with (`def step(self: DDPMScheduler)`), as fastcore's."
     if f is None: return functools.partial(patch, cls_method=cls_method, as_prop=as_prop)
     cls = f.__annotations__[next(iter(inspect.signature(f).parameters))]
-    if isinstance(cls, str): cls = eval(cls, f.__globals__)  # `from __future__ import annotations` keeps names as text
+    if isinstance(cls, str): cls = eval(cls, inspect.unwrap(f).__globals__)  # `from __future__ import annotations`
     f.__qualname__ = f'{cls.__name__}.{f.__name__}'
     setattr(cls, f.__name__, classmethod(f) if cls_method else property(f) if as_prop else f)
     return f
@@ -94,18 +100,21 @@ def resolve_file(path_or_repo_id, filename, subfolder=None, *, revision=None, ca
         if required: raise CheckpointNotFoundError(f"{filename!r} not found in the folder {f.parent}.")
         return None
     if not _REPO_ID.match(src) or src.startswith(('.', '/', '~')):
-        raise CheckpointNotFoundError(f"{src!r} is neither an existing local folder nor a Hub repo id like 'google/ddpm-cat-256'.")
+        raise CheckpointNotFoundError(f"{src!r} is neither an existing local folder "
+                                      "nor a Hub repo id like 'google/ddpm-cat-256'.")
     try: return Path(hf_hub_download(src, filename, subfolder=subfolder or None, revision=revision, cache_dir=cache_dir,
                                      local_files_only=bool(local_files_only) or _offline()))
     except LocalEntryNotFoundError as e:
         if not required: return None
-        raise CheckpointNotFoundError(f"{filename!r} of the Hub repo {src!r}{' (subfolder ' + repr(sub) + ')' if sub else ''} "
-                                      f"is not in the local cache and the Hub cannot be reached. {_hub_hint(src, cache_dir)}") from e
+        where = f"{filename!r} of the Hub repo {src!r}" + (f" (subfolder {sub!r})" if sub else "")
+        raise CheckpointNotFoundError(f"{where} is not in the local cache and the Hub cannot be reached. "
+                                      f"{_hub_hint(src, cache_dir)}") from e
     except EntryNotFoundError as e:
         if not required: return None
         raise CheckpointNotFoundError(f"The Hub repo {src!r} has no file {sub + '/' if sub else ''}{filename}.") from e
     except (HfHubHTTPError, OSError) as e:
-        raise CheckpointNotFoundError(f"Could not fetch {filename!r} from the Hub repo {src!r}: {e}. {_hub_hint(src, cache_dir)}") from e
+        raise CheckpointNotFoundError(f"Could not fetch {filename!r} from the Hub repo {src!r}: {e}. "
+                                      f"{_hub_hint(src, cache_dir)}") from e
 
 # %% ../nbs/00_core.ipynb #7b8bd45b
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release minidiff's behaviour is checked against
@@ -123,7 +132,7 @@ class ConfigMixin:
     ignore_for_config = []      # `__init__` arguments that are not config
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.__module__.startswith('minidiff.'): _REGISTRY[cls.__name__] = cls   # the library's classes only
+        register_class(cls)
     def register_to_config(self, **kwargs):
         object.__setattr__(self, '_internal_dict', FrozenDict({**getattr(self, '_internal_dict', {}), **kwargs}))
     @property
@@ -133,55 +142,72 @@ class ConfigMixin:
         ps = inspect.signature(cls.__init__).parameters.values()
         return [p.name for p in ps if p.name != 'self' and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
                 and p.name not in cls.ignore_for_config]
-    @classmethod
-    def from_config(cls, config=None, **kwargs):
-        "Build from a config dict or another object's config; unknown keys are kept in the config but ignored."
-        if config is None: config = {}
-        if not isinstance(config, dict): raise TypeError(f"config must be a dict or a FrozenDict, got {type(config).__name__}")
-        used_defaults = set(config.get('_use_default_values', []))
-        original = {k: v for k, v in config.items() if k not in used_defaults and k != '_use_default_values'}
-        keys = cls._init_keys()
-        init = {k: original[k] for k in keys if k in original}
-        unknown = set(kwargs) - set(keys)
-        if unknown: raise TypeError(f"{cls.__name__}.from_config got unexpected arguments: {sorted(unknown)}")
-        obj = cls(**{**init, **kwargs})
-        hidden = {k: v for k, v in original.items() if k not in init and k not in kwargs}
-        if '_class_name' in hidden: hidden['_class_name'] = cls.__name__
-        obj.register_to_config(**hidden)
-        return obj
-    @classmethod
-    def load_config(cls, path_or_repo_id, subfolder=None, **hub_kwargs) -> dict:
-        "Read `config_name` from a folder or Hub repo as a dict."
-        f = resolve_file(path_or_repo_id, cls.config_name, subfolder, **hub_kwargs)
-        try: return json.loads(f.read_text(encoding='utf-8'))
-        except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON: {e}") from e
-    def to_json_string(self) -> str:
-        "The config as JSON: sorted keys, `_class_name` set, `_use_default_values` dropped."
-        d = {k: _jsonable(v) for k, v in self.config.items() if k != '_use_default_values'}
-        d = {'_diffusers_version': DIFFUSERS_VERSION, **d, '_class_name': type(self).__name__}
-        return json.dumps(d, indent=2, sort_keys=True) + "\n"
-    def save_config(self, save_directory):
-        "Write the config to `save_directory/config_name`."
-        p = Path(save_directory); p.mkdir(parents=True, exist_ok=True)
-        (p/self.config_name).write_text(self.to_json_string(), encoding='utf-8')
     def __repr__(self): return f"{type(self).__name__} {self.to_json_string()}"
 
+# %% ../nbs/00_core.ipynb #556b6572
+@patch(cls_method=True)
+def from_config(cls: ConfigMixin, config=None, **kwargs):
+    "Build from a config dict or another object's config; unknown keys are kept in the config but ignored."
+    if config is None: config = {}
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or a FrozenDict, got {type(config).__name__}")
+    used_defaults = set(config.get('_use_default_values', []))
+    original = {k: v for k, v in config.items() if k not in used_defaults and k != '_use_default_values'}
+    keys = cls._init_keys()
+    init = {k: original[k] for k in keys if k in original}
+    unknown = set(kwargs) - set(keys)
+    if unknown: raise TypeError(f"{cls.__name__}.from_config got unexpected arguments: {sorted(unknown)}")
+    obj = cls(**{**init, **kwargs})
+    hidden = {k: v for k, v in original.items() if k not in init and k not in kwargs}
+    if '_class_name' in hidden: hidden['_class_name'] = cls.__name__
+    obj.register_to_config(**hidden)
+    return obj
+
+# %% ../nbs/00_core.ipynb #30bd7056
+@patch(cls_method=True)
+def load_config(cls: ConfigMixin, path_or_repo_id, subfolder=None, **hub_kwargs) -> dict:
+    "Read `config_name` from a folder or Hub repo as a dict."
+    f = resolve_file(path_or_repo_id, cls.config_name, subfolder, **hub_kwargs)
+    try: return json.loads(f.read_text(encoding='utf-8'))
+    except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON: {e}") from e
+
+@patch
+def to_json_string(self: ConfigMixin) -> str:
+    "The config as JSON: sorted keys, `_class_name` set, `_use_default_values` dropped."
+    d = {k: _jsonable(v) for k, v in self.config.items() if k != '_use_default_values'}
+    d = {'_diffusers_version': DIFFUSERS_VERSION, **d, '_class_name': type(self).__name__}
+    return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+@patch
+def save_config(self: ConfigMixin, save_directory):
+    "Write the config to `save_directory/config_name`."
+    p = Path(save_directory); p.mkdir(parents=True, exist_ok=True)
+    (p/self.config_name).write_text(self.to_json_string(), encoding='utf-8')
+
 # %% ../nbs/00_core.ipynb #2f651523
+def check_generators(generator, # a `torch.Generator`, a list of them, or None
+                     batch_size: int): # how many images the call makes
+    "Raise a ValueError unless a list of generators holds one generator per image."
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"got {len(generator)} generators for {batch_size} images: "
+                         "pass one generator or one per image")
+
 def randn_tensor(shape, # (B, ...) shape of the noise
                  generator=None, # a `torch.Generator`, a list of them (one per batch item), or None
                  device=None, dtype=None):
     "Standard normal noise drawn exactly as diffusers draws it."
     device = torch.device(device or 'cpu')
     if isinstance(generator, list) and len(generator) == 1: generator = generator[0]
-    gens = generator if isinstance(generator, list) else [generator]
-    if isinstance(generator, list) and len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per image")
-    gen_device = gens[0].device if gens[0] is not None else device
+    check_generators(generator, shape[0])
+    first = generator[0] if isinstance(generator, list) else generator
+    gen_device = first.device if first is not None else device
     if gen_device.type != device.type and gen_device.type != 'cpu':
         raise ValueError(f"cannot draw a {device.type} tensor from a {gen_device.type} generator")
     rand_device = 'cpu' if gen_device.type == 'cpu' else device
-    if not isinstance(generator, list): return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in gens]).to(device)
+    if isinstance(generator, list):   # one (1, ...) draw per image, each from its own generator
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype)
+                          for g in generator]).to(device)
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 # %% ../nbs/00_core.ipynb #3a659a33
 def pt_to_numpy(images: torch.Tensor) -> np.ndarray:
@@ -214,7 +240,8 @@ def show_images(images, # PIL images, a (B, H, W, C) array in [0, 1], or a (B, C
     if isinstance(images, torch.Tensor): images = pt_to_numpy(images)
     if isinstance(images, np.ndarray): images = list(images)
     ncols = -(-len(images) // nrows)
-    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (min(8, 2 * ncols), min(8, 2 * ncols) * nrows / ncols), squeeze=False)
+    width = min(8, 2 * ncols)
+    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (width, width * nrows / ncols), squeeze=False)
     for i, ax in enumerate(axs.flat):
         ax.axis('off')
         if i < len(images): ax.imshow(images[i], cmap='gray' if np.asarray(images[i]).ndim == 2 else None)

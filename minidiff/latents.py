@@ -4,8 +4,7 @@
 
 # %% ../nbs/09_latents.ipynb #c8dee588
 from __future__ import annotations
-import torch
-from .core import randn_tensor
+from .core import randn_tensor, check_generators
 
 # %% auto #0
 __all__ = ['vae_scale_factor', 'prepare_latents']
@@ -23,8 +22,7 @@ def prepare_latents(scheduler, # supplies `init_noise_sigma`
                     latents=None): # (B, C, h, w) noise to use instead of drawing it
     "The starting latents: standard normal noise (drawn, or given) times `scheduler.init_noise_sigma`."
     shape = tuple(shape)
-    if isinstance(generator, list) and len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images: pass one per image")
+    check_generators(generator, shape[0])
     if latents is None: latents = randn_tensor(shape, generator, device=device, dtype=dtype)
     elif tuple(latents.shape) != shape: raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
     else: latents = latents.to(device)

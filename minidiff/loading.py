@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
-from .core import ConfigMixin, resolve_file, CheckpointNotFoundError
+from .core import ConfigMixin, resolve_file, CheckpointNotFoundError, patch
 
 # %% auto #0
 __all__ = ['LEGACY_ATTENTION_NAMES', 'CheckpointError', 'read_safetensors_header', 'load_weights_file', 'weights_candidates',
@@ -52,12 +52,14 @@ def find_weights(path_or_repo_id, names, # file names to try, best first
     where = f"{path_or_repo_id}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     hint = f" The folder/repo may not have the {variant!r} variant: try variant=None." if variant else ""
     raise CheckpointNotFoundError(f"No weights file in {where}: looked for {', '.join(names)}.{hint} "
-                                  "If it is a Hub repo, it may be missing from the cache while offline (HF_HUB_OFFLINE).")
+                                  "If it is a Hub repo, it may be missing from the cache while offline "
+                                  "(HF_HUB_OFFLINE).")
 
 # %% ../nbs/01_loading.ipynb #2770fae6
 LEGACY_ATTENTION_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
 _legacy_key = re.compile(r'^(.*)\.(query|key|value|proj_attn)\.(weight|bias)$')
 
+# %% ../nbs/01_loading.ipynb #d56617ce
 def fix_legacy_keys(state_dict, # name -> tensor, as stored in the file
                     expected, # key names the model has
                     ignore=()): # regexes of stored keys to drop (recomputed buffers)
@@ -100,12 +102,12 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
     "Base of minidiff models: config, strict `from_pretrained` and `save_pretrained` in the diffusers layout."
     config_name = 'config.json'
     weights_name = 'diffusion_pytorch_model'
-    bin_weights_name = None                   # name of the `.bin` fallback when it differs (transformers: `pytorch_model`)
+    bin_weights_name = None                   # the `.bin` fallback's name if it differs (transformers: `pytorch_model`)
     _keys_to_ignore_on_load_unexpected = []   # regexes of stored keys that the model recomputes
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, *, torch_dtype=None, variant=None,
                         revision=None, local_files_only=None, cache_dir=None, use_safetensors=None):
-        "Load config and weights from a local folder or a Hub repo id (`use_safetensors`: None = prefer, True/False = only)."
+        "Load config and weights from a folder or a Hub repo id (`use_safetensors`: None = prefer, True/False = only)."
         hub = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
         config = cls.load_config(pretrained_model_name_or_path, subfolder, **hub)
         names = weights_candidates(cls.weights_name, variant, cls.bin_weights_name, use_safetensors)
@@ -113,23 +115,28 @@ class ModelMixin(torch.nn.Module, ConfigMixin):
         with torch.device('meta'): model = cls.from_config(config)
         model.load_checked_state_dict(load_weights_file(path), source=path, dtype=torch_dtype)
         return model.eval()
-    def load_checked_state_dict(self, state_dict, source='the checkpoint', dtype=None):
-        "Fix legacy names, check names and shapes strictly, then assign the tensors (cast to `dtype`)."
-        expected = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        state_dict = fix_legacy_keys(state_dict, expected, self._keys_to_ignore_on_load_unexpected)
-        check_state_dict(state_dict, {k: v.shape for k, v in self.state_dict().items()}, source)
-        dtype = dtype or torch.float32
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        self.load_state_dict(state_dict, strict=True, assign=True)
-        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
-        if left: raise CheckpointError(f"{type(self).__name__} has tensors that {source} did not fill: {left[:10]}")
-        return self
-    def save_pretrained(self, save_directory, variant=None):
-        "Write `config.json` and the weights as safetensors (`name.variant.safetensors` with a variant)."
-        p = Path(save_directory); self.save_config(p)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(sd, str(p/weights_candidates(self.weights_name, variant)[0]), metadata={'format': 'pt'})
     @property
     def device(self) -> torch.device: return next(self.parameters()).device
     @property
     def dtype(self) -> torch.dtype: return next(self.parameters()).dtype
+
+# %% ../nbs/01_loading.ipynb #a6aedf2a
+@patch
+def load_checked_state_dict(self: ModelMixin, state_dict, source='the checkpoint', dtype=None):
+    "Fix legacy names, check names and shapes strictly, then assign the tensors (cast to `dtype`)."
+    expected = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+    state_dict = fix_legacy_keys(state_dict, expected, self._keys_to_ignore_on_load_unexpected)
+    check_state_dict(state_dict, {k: v.shape for k, v in self.state_dict().items()}, source)
+    dtype = dtype or torch.float32
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    self.load_state_dict(state_dict, strict=True, assign=True)
+    left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+    if left: raise CheckpointError(f"{type(self).__name__} has tensors that {source} did not fill: {left[:10]}")
+    return self
+
+@patch
+def save_pretrained(self: ModelMixin, save_directory, variant=None):
+    "Write `config.json` and the weights as safetensors (`name.variant.safetensors` with a variant)."
+    p = Path(save_directory); self.save_config(p)
+    sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+    save_file(sd, str(p/weights_candidates(self.weights_name, variant)[0]), metadata={'format': 'pt'})

@@ -7,10 +7,10 @@ from __future__ import annotations
 import inspect, json, logging
 from dataclasses import dataclass
 from pathlib import Path
-import numpy as np
 import torch
 from tqdm.auto import tqdm
-from .core import BaseOutput, resolve_file, randn_tensor, numpy_to_pil, CheckpointNotFoundError, DIFFUSERS_VERSION
+from .core import (BaseOutput, resolve_file, randn_tensor, numpy_to_pil, check_generators, patch,
+                           register_class, _REGISTRY, DIFFUSERS_VERSION)
 
 # %% auto #0
 __all__ = ['NOT_LOADED', 'logger', 'OUTPUT_TYPES', 'DiffusionPipeline', 'ImagePipelineOutput', 'postprocess', 'check_call_args',
@@ -22,10 +22,9 @@ logger = logging.getLogger(__name__)
 
 def _component_class(name, cls_name):
     "The minidiff class called `cls_name` (as named in model_index.json)."
-    import minidiff
-    cls = getattr(minidiff, cls_name, None)
-    if cls is None: raise ValueError(f"model_index.json asks for {cls_name} as {name!r}, which minidiff does not implement")
-    return cls
+    if cls_name not in _REGISTRY:
+        raise ValueError(f"model_index.json asks for {cls_name} as {name!r}, which minidiff does not implement")
+    return _REGISTRY[cls_name]
 
 def _marker_file(cls):
     "A file that every saved part of class `cls` has (to find its subfolder)."
@@ -38,39 +37,15 @@ def _load_part(path, name, cls, model_kwargs, hub):
     kw = model_kwargs if issubclass(cls, torch.nn.Module) else {}
     return cls.from_pretrained(path, subfolder=sub, **kw, **hub)
 
+# %% ../nbs/06_pipeline.ipynb #942c60ec
 def _library(part): return 'transformers' if type(part).__name__.startswith('CLIP') else 'diffusers'
 
 # %% ../nbs/06_pipeline.ipynb #5b0daf5f
 class DiffusionPipeline:
     "Base of minidiff pipelines: load parts from `model_index.json`, move them, save them."
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, torch_dtype=None, variant=None, revision=None,
-                        local_files_only=None, cache_dir=None, use_safetensors=None, **parts):
-        "Load every part named in `model_index.json` from a folder or Hub repo."
-        hub = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
-        model_kwargs = dict(torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors)
-        index = json.loads(resolve_file(pretrained_model_name_or_path, 'model_index.json', **hub).read_text())
-        target = cls if cls is not DiffusionPipeline else _component_class('pipeline', index['_class_name'])
-        for name, spec in index.items():
-            if name.startswith('_') or name in parts: continue
-            if not isinstance(spec, (list, tuple)): parts[name] = spec; continue   # a plain setting
-            cls_name = spec[1]
-            if cls_name is None or cls_name in NOT_LOADED:
-                if cls_name: logger.info(f"{name} ({cls_name}) is not loaded: minidiff does not implement it")
-                parts[name] = None; continue
-            parts[name] = _load_part(pretrained_model_name_or_path, name, _component_class(name, cls_name), model_kwargs, hub)
-        params = {k: p for k, p in inspect.signature(target.__init__).parameters.items() if k != 'self'}
-        missing = [k for k, p in params.items() if p.default is p.empty and parts.get(k) is None]
-        if missing: raise ValueError(f"{pretrained_model_name_or_path}: model_index.json gives no {missing} for {target.__name__}")
-        return target(**{k: v for k, v in parts.items() if k in params})
-    def save_pretrained(self, save_directory):
-        "Write `model_index.json` and each part in its subfolder."
-        p = Path(save_directory); p.mkdir(parents=True, exist_ok=True)
-        index = {'_class_name': type(self).__name__, '_diffusers_version': DIFFUSERS_VERSION}
-        for k, v in self.components.items():
-            index[k] = [None, None] if v is None else [_library(v), type(v).__name__]
-            if v is not None: v.save_pretrained(p/k)
-        (p/'model_index.json').write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register_class(cls)
     def register_modules(self, **parts):
         for k, v in parts.items(): setattr(self, k, v)
     @property
@@ -94,6 +69,40 @@ class DiffusionPipeline:
     def set_progress_bar_config(self, **kwargs): self._progress_bar_config = kwargs
     numpy_to_pil = staticmethod(numpy_to_pil)
 
+# %% ../nbs/06_pipeline.ipynb #c8cc7321
+@patch(cls_method=True)
+def from_pretrained(cls: DiffusionPipeline, pretrained_model_name_or_path, *, torch_dtype=None, variant=None,
+                    revision=None, local_files_only=None, cache_dir=None, use_safetensors=None, **parts):
+    "Load every part named in `model_index.json` from a folder or Hub repo."
+    path = pretrained_model_name_or_path
+    hub = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
+    model_kwargs = dict(torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors)
+    index = json.loads(resolve_file(path, 'model_index.json', **hub).read_text())
+    target = cls if cls is not DiffusionPipeline else _component_class('pipeline', index['_class_name'])
+    for name, spec in index.items():
+        if name.startswith('_') or name in parts: continue
+        if not isinstance(spec, (list, tuple)): parts[name] = spec; continue   # a plain setting
+        cls_name = spec[1]
+        if cls_name is None or cls_name in NOT_LOADED:
+            if cls_name: logger.info(f"{name} ({cls_name}) is not loaded: minidiff does not implement it")
+            parts[name] = None; continue
+        parts[name] = _load_part(path, name, _component_class(name, cls_name), model_kwargs, hub)
+    params = {k: p for k, p in inspect.signature(target.__init__).parameters.items() if k != 'self'}
+    missing = [k for k, p in params.items() if p.default is p.empty and parts.get(k) is None]
+    if missing: raise ValueError(f"{path}: model_index.json gives no {missing} for {target.__name__}")
+    return target(**{k: v for k, v in parts.items() if k in params})
+
+# %% ../nbs/06_pipeline.ipynb #9ac47aa2
+@patch
+def save_pretrained(self: DiffusionPipeline, save_directory):
+    "Write `model_index.json` and each part in its subfolder."
+    p = Path(save_directory); p.mkdir(parents=True, exist_ok=True)
+    index = {'_class_name': type(self).__name__, '_diffusers_version': DIFFUSERS_VERSION}
+    for k, v in self.components.items():
+        index[k] = [None, None] if v is None else [_library(v), type(v).__name__]
+        if v is not None: v.save_pretrained(p/k)
+    (p/'model_index.json').write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
 # %% ../nbs/06_pipeline.ipynb #460882a4
 @dataclass
 class ImagePipelineOutput(BaseOutput):
@@ -114,10 +123,10 @@ def postprocess(image, # (B, C, H, W) in [-1, 1]
 def check_call_args(batch_size, num_inference_steps, output_type, generator, allowed=OUTPUT_TYPES):
     "Raise a clear error for a bad batch size, step count, output type or generator list."
     for name, v in (('batch_size', batch_size), ('num_inference_steps', num_inference_steps)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     if output_type not in allowed: raise ValueError(f"output_type must be one of {allowed}, got {output_type!r}")
-    if isinstance(generator, list) and len(generator) != batch_size:
-        raise ValueError(f"got {len(generator)} generators for {batch_size} images: pass one generator or one per image")
+    check_generators(generator, batch_size)
     if generator is not None and not isinstance(generator, (list, torch.Generator)):
         raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
 

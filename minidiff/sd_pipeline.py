@@ -4,18 +4,16 @@
 
 # %% ../nbs/15_sd_pipeline.ipynb #c9079be3
 from __future__ import annotations
-import inspect, json, logging
-from pathlib import Path
+import inspect
 from dataclasses import dataclass
 import torch
-from .core import BaseOutput, DIFFUSERS_VERSION
+from .core import BaseOutput, patch
 from .latents import prepare_latents, vae_scale_factor
 from .guidance import classifier_free_guidance
 from .pipeline import DiffusionPipeline, postprocess, check_call_args, OUTPUT_TYPES
 
 # %% auto #0
-__all__ = ['TINY_SD', 'check_sd_inputs', 'encode_prompts', 'StableDiffusionPipelineOutput', 'StableDiffusionPipeline',
-           'save_tiny_sd']
+__all__ = ['check_sd_inputs', 'encode_prompts', 'StableDiffusionPipelineOutput', 'StableDiffusionPipeline']
 
 # %% ../nbs/15_sd_pipeline.ipynb #b820348f
 def _prompt_list(prompt, name='prompt'):
@@ -34,10 +32,11 @@ def check_sd_inputs(prompts, negative_prompt, height, width, factor, num_images_
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
     if negative_prompt is None: return [""] * len(prompts)
-    if isinstance(prompts, list) and isinstance(negative_prompt, str) and len(prompts) > 1: negative_prompt = [negative_prompt] * len(prompts)
+    if isinstance(negative_prompt, str): negative_prompt = [negative_prompt] * len(prompts)
     negs = _prompt_list(negative_prompt, 'negative_prompt')
     if len(negs) != len(prompts):
-        raise ValueError(f"got {len(negs)} negative prompts for {len(prompts)} prompts: pass one, or one per prompt")
+        raise ValueError(f"negative_prompt must be one prompt or one per prompt: got {len(negs)} negative prompts "
+                         f"for {len(prompts)} prompts")
     return negs
 
 # %% ../nbs/15_sd_pipeline.ipynb #b78e1fb0
@@ -75,74 +74,35 @@ class StableDiffusionPipeline(DiffusionPipeline):
     def disable_attention_slicing(self): self.unet.set_attention_slice(None)
     def enable_vae_slicing(self): self.vae.enable_slicing()     # decode one image at a time
     def disable_vae_slicing(self): self.vae.disable_slicing()
-    @torch.no_grad()
-    def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, guidance_scale=7.5,
-                 negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
-                 output_type="pil", return_dict=True):
-        "Generate images from `prompt` (a string or a list) as diffusers' StableDiffusionPipeline does."
-        prompts, f = _prompt_list(prompt), self.vae_scale_factor
-        height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
-        negs = check_sd_inputs(prompts, negative_prompt, height, width, f, num_images_per_prompt)
-        n, guided = len(prompts) * num_images_per_prompt, guidance_scale > 1
-        check_call_args(n, num_inference_steps, output_type, generator, allowed=OUTPUT_TYPES + ('latent',))
-        shape = (n, self.unet.config.in_channels, height // f, width // f)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} (images, channels, height // {f}, width // {f}), got {tuple(latents.shape)}")
-        emb = encode_prompts(self.tokenizer, self.text_encoder, prompts, num_images_per_prompt, self.device)   # (n, L, D)
-        if guided: emb = torch.cat([encode_prompts(self.tokenizer, self.text_encoder, negs, num_images_per_prompt, self.device), emb])
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        latents = prepare_latents(self.scheduler, shape, generator, self.device, emb.dtype, latents)      # (n, 4, h, w)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            noise_pred = self.unet(x, t, encoder_hidden_states=emb).sample
-            if guided: noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
-            latents = self.scheduler.step(noise_pred, t, latents, **_step_kwargs(self.scheduler, generator, eta)).prev_sample
-        images = latents if output_type == 'latent' else postprocess(self.vae.decode(latents / self.vae.config.scaling_factor).sample, output_type)
-        return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
 
-# %% ../nbs/15_sd_pipeline.ipynb #e1bbfd39
-TINY_SD = dict(  # the real SD v1.5 config keys, narrowed
-    unet=dict(act_fn="silu", attention_head_dim=8, block_out_channels=[32, 64], center_input_sample=False,
-              cross_attention_dim=32, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], downsample_padding=1,
-              flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=1, mid_block_scale_factor=1,
-              norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=8, up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
-    vae=dict(act_fn="silu", block_out_channels=[32, 32, 32, 32], down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3,
-             latent_channels=4, layers_per_block=1, norm_num_groups=32, out_channels=3, sample_size=64,
-             up_block_types=["UpDecoderBlock2D"] * 4),
-    text_encoder=dict(architectures=["CLIPTextModel"], attention_dropout=0.0, bos_token_id=0, dropout=0.0, eos_token_id=2,
-                      hidden_act="quick_gelu", hidden_size=32, initializer_factor=1.0, initializer_range=0.02,
-                      intermediate_size=37, layer_norm_eps=1e-05, max_position_embeddings=77, model_type="clip_text_model",
-                      num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, projection_dim=32, torch_dtype="float32",
-                      vocab_size=49408),
-    scheduler=dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, num_train_timesteps=1000,
-                   set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None, clip_sample=False))
-
-# %% ../nbs/15_sd_pipeline.ipynb #d5a65bcd
-def _legacy_attention_names(file):
-    "Rewrite a weights file with the 2022 attention names (query/key/value/proj_attn), as the fp32 SD VAE has them."
-    from safetensors.torch import load_file, save_file
-    names = {'.to_q.': '.query.', '.to_k.': '.key.', '.to_v.': '.value.', '.to_out.0.': '.proj_attn.'}
-    def old(k): return next((k.replace(n, o) for n, o in names.items() if n in k), k)
-    save_file({old(k): v for k, v in load_file(str(file)).items()}, str(file), metadata={'format': 'pt'})
-
-def save_tiny_sd(folder, seed=0, tokenizer=None):
-    "Write an SD v1.5-layout folder with narrow layers, seeded weights and the real tokenizer files; return its path."
-    from safetensors.torch import load_file, save_file
-    from minidiff import UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, PNDMScheduler
-    p = Path(folder); torch.manual_seed(seed)
-    parts = dict(unet=UNet2DConditionModel(**TINY_SD['unet']), vae=AutoencoderKL(**TINY_SD['vae']),
-                 text_encoder=CLIPTextModel.from_config(TINY_SD['text_encoder']),
-                 tokenizer=tokenizer or CLIPTokenizer.from_bpe_file(), scheduler=PNDMScheduler.from_config(TINY_SD['scheduler']))
-    StableDiffusionPipeline(**parts).save_pretrained(p)
-    for part, file in (('unet', 'config.json'), ('vae', 'config.json'), ('scheduler', 'scheduler_config.json')):
-        head = {'_class_name': type(parts[part]).__name__, '_diffusers_version': DIFFUSERS_VERSION}   # the real files' keys
-        (p/part/file).write_text(json.dumps({**head, **TINY_SD[part]}, indent=2))
-    (p/'text_encoder'/'config.json').write_text(json.dumps({'_name_or_path': 'openai/clip-vit-large-patch14', **TINY_SD['text_encoder'],
-                                                            'transformers_version': '4.22.0.dev0'}, indent=2))
-    _legacy_attention_names(p/'vae'/'diffusion_pytorch_model.safetensors')
-    te = p/'text_encoder'/'model.safetensors'
-    save_file({**load_file(str(te)), 'text_model.embeddings.position_ids': torch.arange(77)[None]}, str(te), metadata={'format': 'pt'})
-    index = json.loads((p/'model_index.json').read_text())
-    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"], feature_extractor=["transformers", "CLIPImageProcessor"])
-    (p/'model_index.json').write_text(json.dumps(index, indent=2, sort_keys=True))
-    return p
+# %% ../nbs/15_sd_pipeline.ipynb #49100b0b
+@patch
+@torch.no_grad()
+def __call__(self: StableDiffusionPipeline, prompt=None, height=None, width=None, num_inference_steps=50,
+             guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
+             output_type="pil", return_dict=True):
+    "Generate images from `prompt` (a string or a list) as diffusers' StableDiffusionPipeline does."
+    prompts, f = _prompt_list(prompt), self.vae_scale_factor
+    height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
+    negs = check_sd_inputs(prompts, negative_prompt, height, width, f, num_images_per_prompt)
+    n, guided = len(prompts) * num_images_per_prompt, guidance_scale > 1
+    check_call_args(n, num_inference_steps, output_type, generator, allowed=OUTPUT_TYPES + ('latent',))
+    shape = (n, self.unet.config.in_channels, height // f, width // f)
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} (images, channels, height // {f}, width // {f}), "
+                         f"got {tuple(latents.shape)}")
+    emb = encode_prompts(self.tokenizer, self.text_encoder, prompts, num_images_per_prompt, self.device)   # (n, L, D)
+    if guided:
+        uncond = encode_prompts(self.tokenizer, self.text_encoder, negs, num_images_per_prompt, self.device)
+        emb = torch.cat([uncond, emb])                                                              # (2n, L, D)
+    self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+    latents = prepare_latents(self.scheduler, shape, generator, self.device, emb.dtype, latents)      # (n, 4, h, w)
+    step_kwargs = _step_kwargs(self.scheduler, generator, eta)
+    for t in self.progress_bar(self.scheduler.timesteps):
+        x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+        noise_pred = self.unet(x, t, encoder_hidden_states=emb).sample
+        if guided: noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+        latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+    if output_type == 'latent': images = latents
+    else: images = postprocess(self.vae.decode(latents / self.vae.config.scaling_factor).sample, output_type)
+    return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import regex
 import torch
-from .core import BaseOutput, resolve_file, patch
+from .core import BaseOutput, resolve_file, patch, register_class
 
 # %% auto #0
 __all__ = ['BPE_FILE_NAME', 'BOS_TOKEN', 'EOS_TOKEN', 'BOS_TOKEN_ID', 'EOS_TOKEN_ID', 'END_OF_WORD', 'NUM_OPENAI_MERGES',
@@ -100,6 +100,7 @@ def _splitter(tokens):
     return regex.compile("(" + "|".join(map(regex.escape, tokens)) + ")") if tokens else None
 
 # %% ../nbs/07_tokenizer.ipynb #a0d4c50f
+@register_class   # so that model_index.json's ["transformers", "CLIPTokenizer"] finds it
 class CLIPTokenizer:
     "OpenAI CLIP's byte-level BPE tokenizer, giving the same ids as transformers' `CLIPTokenizer`."
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], model_max_length=MODEL_MAX_LENGTH,

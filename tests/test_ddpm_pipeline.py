@@ -1,20 +1,16 @@
-"DDPMPipeline: parity with diffusers, the tutorial's DDPM code unchanged, and bad calls (the CLI: test_cli.py)."
+"DDPMPipeline: parity with diffusers, the tutorial's DDPM code unchanged, the CLI, and bad calls."
 import json, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest, torch
 from safetensors.torch import load_file, save_file
 import minidiff
 from minidiff import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-SMALL_CAT = dict(  # google/ddpm-cat-256's layout, shrunk: 64x64 pixels, narrow channels
-    sample_size=64, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=[32, 32, 64, 64, 64, 64],
-    down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4, attention_head_dim=None, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32, act_fn="silu")
+from minidiff.loading import to_legacy_keys
 
 REF = Path(__file__).parents[1]/"nbs"/"configs"/"google_ddpm-cat-256"
 SHA = "82ca0d5db4a5ec6ff0e9be8d86852490bc18a3d9"
-LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+# google/ddpm-cat-256's config, shrunk to 64x64 pixels and narrow channels (the same model notebook 06 builds)
+SMALL = {**json.loads((REF/"config.json").read_text()), "sample_size": 64, "block_out_channels": [32, 32, 64, 64, 64, 64]}
 
 def write_cat_folder(folder, config, seed=0):
     "A google/ddpm-cat-256-style flat folder: diffusers-written weights renamed to the 2022 legacy attention names."
@@ -23,12 +19,7 @@ def write_cat_folder(folder, config, seed=0):
     ref = diffusers.UNet2DModel.from_config(config)
     ref.save_pretrained(folder)
     f = Path(folder)/"diffusion_pytorch_model.safetensors"
-    sd = load_file(str(f))
-    def legacy(k):
-        for new, old in LEGACY.items():
-            if f".{new}." in k and ".attentions." in k: return k.replace(f".{new}.", f".{old}.")
-        return k
-    save_file({legacy(k): v for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+    save_file(to_legacy_keys(load_file(str(f))), str(f), metadata={"format": "pt"})
     (Path(folder)/"config.json").write_text(json.dumps(config, indent=2))
     shutil.copy(REF/"scheduler_config.json", Path(folder)/"scheduler_config.json")
     shutil.copy(REF/"model_index.json", Path(folder)/"model_index.json")
@@ -36,7 +27,7 @@ def write_cat_folder(folder, config, seed=0):
 
 @pytest.fixture(scope="module")
 def small_cat(tmp_path_factory):
-    return write_cat_folder(tmp_path_factory.mktemp("cat"), SMALL_CAT)
+    return write_cat_folder(tmp_path_factory.mktemp("cat"), SMALL)
 
 def test_pipeline_matches_diffusers(small_cat):
     import diffusers
@@ -90,8 +81,9 @@ def fake_hub_cache(root, folder, repo_id="google/ddpm-cat-256"):
 
 @pytest.mark.parametrize("config", ["small", pytest.param("real", marks=pytest.mark.slow)])
 def test_tutorial_ddpm_code_unchanged(tmp_path, monkeypatch, config):
-    "Document 002's DDPM code, only its import changed (and cuda -> cpu), from a Hub cache laid out like google/ddpm-cat-256."
-    cfg = SMALL_CAT if config == "small" else json.loads((REF/"config.json").read_text())
+    """The diffusers tutorial's DDPM code (Understanding pipelines, models and schedulers), only its import changed
+    (and cuda -> cpu), from a Hub cache laid out like google/ddpm-cat-256."""
+    cfg = SMALL if config == "small" else json.loads((REF/"config.json").read_text())
     folder = write_cat_folder(tmp_path/"repo", cfg)
     monkeypatch.setenv("HF_HUB_CACHE", str(fake_hub_cache(tmp_path/"cache", folder)))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

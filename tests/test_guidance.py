@@ -3,7 +3,7 @@ import numpy as np, pytest, torch
 import minidiff
 from minidiff.guidance import classifier_free_guidance
 from minidiff.latents import prepare_latents, vae_scale_factor
-from minidiff.sd_pipeline import save_tiny_sd
+from minidiff.tiny_sd import save_tiny_sd
 
 def pair(b=2, seed=0, dtype=torch.float32):
     u, t = torch.randn(2, b, 4, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=dtype)
@@ -38,7 +38,7 @@ def test_refuses_what_is_not_a_doubled_batch(shape):
 def sd(tmp_path_factory): return save_tiny_sd(tmp_path_factory.mktemp("sd")/"sd-v1-5")
 
 def hand_loop(folder, scheduler, prompts, generator, steps, guidance_scale, size=64):
-    "Document 002's loop with minidiff's parts, prepare_latents and classifier_free_guidance; (B, H, W, 3) in [0, 1]."
+    "The diffusers tutorial's loop (Understanding pipelines, models and schedulers) with minidiff's parts, prepare_latents and classifier_free_guidance; (B, H, W, 3) in [0, 1]."
     tok = minidiff.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     te = minidiff.CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
     unet = minidiff.UNet2DConditionModel.from_pretrained(folder, subfolder="unet")

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 import minidiff
 from minidiff.latents import prepare_latents, vae_scale_factor
-from minidiff.sd_pipeline import save_tiny_sd
+from minidiff.tiny_sd import save_tiny_sd
 
 CONFIGS = Path(__file__).parents[1]/"nbs"/"configs"
 SCHEDULERS = ["UniPCMultistepScheduler", "PNDMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
@@ -77,6 +77,20 @@ def test_seeds_and_unseeded_draws():
     assert torch.equal(a, b)
     assert not torch.equal(prepare_latents(s, (2, 4, 8, 8)), prepare_latents(s, (2, 4, 8, 8)))
     assert prepare_latents(s, (2, 4, 8, 8), dtype=torch.float64).dtype == torch.float64
+    assert not torch.equal(a, prepare_latents(s, (2, 4, 8, 8), torch.Generator().manual_seed(4)))   # another seed
+    z = prepare_latents(s, (1, 4, 64, 64), torch.Generator().manual_seed(0))
+    assert abs(z.mean().item()) < 0.03 and abs(z.std().item() - 1) < 0.03                    # a standard normal
+
+def test_one_generator_count_check_one_message():
+    "randn_tensor, prepare_latents and the pipelines' argument check all refuse a wrong count with core's message."
+    from minidiff.core import randn_tensor, check_generators
+    from minidiff.pipeline import check_call_args
+    msg = "got 2 generators for 3 images: pass one generator or one per image"
+    for call in (lambda: check_generators(gens(2), 3), lambda: randn_tensor((3, 4), gens(2)),
+                 lambda: prepare_latents(sd_scheduler("DDIMScheduler"), (3, 4, 8, 8), gens(2)),
+                 lambda: check_call_args(3, 10, "pil", gens(2))):
+        with pytest.raises(ValueError, match=msg): call()
+    check_generators(None, 3); check_generators(torch.Generator(), 3); check_generators(gens(3), 3)
 
 def test_given_latents_are_moved_not_modified():
     s = sd_scheduler("EulerDiscreteScheduler")
@@ -89,7 +103,7 @@ def test_given_latents_are_moved_not_modified():
 def test_wrong_number_of_generators(n):
     g = gens(n)
     states = [x.get_state() for x in g]
-    with pytest.raises(ValueError, match=f"got {n} generators for a batch of 3 images: pass one per image"):
+    with pytest.raises(ValueError, match=f"got {n} generators for 3 images: pass one generator or one per image"):
         prepare_latents(sd_scheduler("UniPCMultistepScheduler"), (3, 4, 8, 8), g)
     assert all(torch.equal(x.get_state(), st) for x, st in zip(g, states))    # nothing drawn
 

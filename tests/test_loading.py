@@ -112,5 +112,25 @@ def test_save_pretrained_round_trip(tmp_path, tiny_files):
     assert json.loads((tmp_path/"config.json").read_text())["_class_name"] == "Tiny"
     assert torch.equal(Tiny.from_pretrained(tmp_path).conv_in.bias, m.conv_in.bias)
 
+class TinyAttn(ModelMixin):
+    @register_to_config
+    def __init__(self, channels=4):
+        super().__init__()
+        self.attn = torch.nn.Module()
+        self.attn.to_q, self.attn.to_out = torch.nn.Linear(channels, channels), torch.nn.ModuleList([torch.nn.Linear(channels, channels)])
+
+def test_legacy_attention_names_load_and_cast(tmp_path):
+    "A file with the 2022 names (written by to_legacy_keys) loads strictly, every tensor in place, cast on request."
+    from safetensors.torch import load_file
+    from minidiff.loading import to_legacy_keys, read_safetensors_header
+    torch.manual_seed(0)
+    m = TinyAttn(); m.save_pretrained(tmp_path)
+    f = tmp_path/"diffusion_pytorch_model.safetensors"
+    save_file(to_legacy_keys(load_file(str(f))), str(f))
+    assert {"attn.query.weight", "attn.proj_attn.bias"} <= set(read_safetensors_header(f))
+    m2 = TinyAttn.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    assert TinyAttn.from_pretrained(tmp_path, torch_dtype=torch.float16).dtype == torch.float16
+
 def test_resolve_file_not_required(tmp_path):
     assert resolve_file(tmp_path, "nothing.json", required=False) is None

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np, pytest, torch
 import minidiff
 from minidiff.scheduler_gallery import swap_scheduler, compare_schedulers, GALLERY_STEPS
-from minidiff.sd_pipeline import StableDiffusionPipeline, save_tiny_sd
+from minidiff.sd_pipeline import StableDiffusionPipeline
+from minidiff.tiny_sd import save_tiny_sd
 from minidiff.schedule import scheduler_loop, toy_model_fn
 from refconfigs import assert_close_finite
 

@@ -65,7 +65,7 @@ def test_guidance_scale_one_runs_one_unet_pass(sd):
     (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
     (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt"),
     (dict(prompt=["a", "b"], generator=[torch.Generator()]), ValueError, "1 generators for 2 images"),
-    (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), ValueError, "3 negative prompts for 2 prompts"),
+    (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), ValueError, "negative_prompt must be one prompt or one per prompt: got 3 negative prompts for 2 prompts"),
     (dict(prompt=42), TypeError, "prompt must be a string or a list of strings"),
     (dict(prompt=["a", 3]), TypeError, "prompt must be a string"),
     (dict(negative_prompt=5), TypeError, "negative_prompt"),
@@ -167,7 +167,7 @@ OUR_IMPORTS = ("from minidiff import CLIPTextModel, CLIPTokenizer\n"
                "from minidiff import UniPCMultistepScheduler")
 
 def test_tutorial_sd_code_unchanged(sd, tmp_path):
-    "Document 002's Stable Diffusion section, imports changed (and cuda -> cpu, 64 px for the tiny model), same image."
+    "The Stable Diffusion section of the diffusers tutorial (Understanding pipelines, models and schedulers), imports changed (and cuda -> cpu, 64 px for the tiny model), same image."
     env = {**os.environ, "HF_HUB_CACHE": str(fake_hub_cache(tmp_path/"cache", sd, "CompVis/stable-diffusion-v1-4")),
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     images = []
