@@ -11,7 +11,7 @@ __all__ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError',
            'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler',
            'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL',
            'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd',
-           'swap_scheduler', 'compare_schedulers']
+           'swap_scheduler', 'compare_schedulers', 'SD15_CONFIG', 'LoRALayer']
 
 # %% ../nbs/99_init.ipynb #011f22dc
 from .core import (BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid,
@@ -47,4 +47,4 @@ _all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', '
           'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler',
           'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel',
           'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline',
-          'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers']
+          'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers', 'SD15_CONFIG', 'LoRALayer']

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import contextlib, json, re
 from pathlib import Path
-import torch
 from torch import nn
 import torch.nn.functional as F
 from .core import patch

@@ -52,8 +52,9 @@ def unused_imports(tree, exported=()):
     return sorted((line, name) for name, line in bound.items() if name not in used and name not in exported)
 
 def dunder_all(tree):
+    "Names a module declares public: `__all__`, or nbdev's `_all_` in the package `__init__`."
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) in ("__all__", "_all_") for t in node.targets):
             return set(ast.literal_eval(node.value))
     return set()
 
