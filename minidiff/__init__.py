@@ -11,7 +11,7 @@ __all__ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError',
            'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler',
            'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL',
            'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd',
-           'swap_scheduler', 'compare_schedulers']
+           'swap_scheduler', 'compare_schedulers', 'DDIMPipeline']
 
 # %% ../nbs/99_init.ipynb #011f22dc
 from .core import BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid, show_images, numpy_to_pil
@@ -25,6 +25,7 @@ from .text_encoder import CLIPTextModel
 from .unipc import UniPCMultistepScheduler
 from .pndm import PNDMScheduler
 from .ddim import DDIMScheduler
+from .ddim_pipeline import DDIMPipeline
 from .lms import LMSDiscreteScheduler
 from .euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
@@ -36,4 +37,4 @@ from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput,
 from .gallery import swap_scheduler, compare_schedulers
 
 # %% ../nbs/99_init.ipynb #9f68c753
-_all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid', 'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput', 'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers']
+_all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid', 'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput', 'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers', 'DDIMPipeline']
