@@ -11,7 +11,8 @@ __all__ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError',
            'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler',
            'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL',
            'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd',
-           'swap_scheduler', 'compare_schedulers', 'DDIMPipeline']
+           'swap_scheduler', 'compare_schedulers', 'DDIMPipeline', 'enable_full_determinism',
+           'disable_full_determinism']
 
 # %% ../nbs/99_init.ipynb #011f22dc
 from .core import BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid, show_images, numpy_to_pil
@@ -35,6 +36,7 @@ from .guidance import classifier_free_guidance
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
 from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput, save_tiny_sd
 from .gallery import swap_scheduler, compare_schedulers
+from .reproducibility import enable_full_determinism, disable_full_determinism
 
 # %% ../nbs/99_init.ipynb #9f68c753
-_all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid', 'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput', 'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers', 'DDIMPipeline']
+_all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid', 'show_images', 'numpy_to_pil', 'ModelMixin', 'CheckpointError', 'SchedulerMixin', 'SchedulerOutput', 'DDPMScheduler', 'UNet2DModel', 'DiffusionPipeline', 'DDPMPipeline', 'ImagePipelineOutput', 'CLIPTokenizer', 'CLIPTextModel', 'UniPCMultistepScheduler', 'PNDMScheduler', 'DDIMScheduler', 'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers', 'DDIMPipeline', 'enable_full_determinism', 'disable_full_determinism']

@@ -52,7 +52,8 @@ def test_matches_diffusers(tiny, eta, clipped, kind, n):
 def test_options_change_the_image(tiny):
     "The parity sweep is not vacuous: eta and use_clipped_model_output both change the picture here."
     ours, _ = pipes(tiny)
-    run = lambda **kw: ours(generator=torch.Generator().manual_seed(0), num_inference_steps=8, output_type="np", **kw).images
+    def run(**kw): return ours(generator=torch.Generator().manual_seed(0), num_inference_steps=8, output_type="np",
+                               **kw).images
     base = run()
     assert linf(run(eta=1.0), base) > 0.1 and linf(run(use_clipped_model_output=True), base) > 0.1
     assert np.array_equal(run(use_clipped_model_output=False), base)
@@ -144,8 +145,9 @@ print(repr(float(np.abs(image).sum())))
 '''
 
 def test_tutorial_code_unchanged(tiny, tmp_path):
-    "The Reproducible pipelines tutorial's DDIM cells, only the import changed, from a Hub cache laid out like the repo."
-    env = {**__import__("os").environ, "HF_HUB_CACHE": str(fake_hub_cache(tmp_path/"cache", tiny)), "HF_HUB_OFFLINE": "1"}
+    "The Reproducible pipelines tutorial's DDIM cells, only the import changed, from a Hub cache like the repo's."
+    cache = fake_hub_cache(tmp_path/"cache", tiny)
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     sums = [subprocess.run([sys.executable, "-c", TUTORIAL.format(lib=lib)], check=True, env=env, capture_output=True,
                            text=True).stdout.strip().splitlines()[-1] for lib in ("minidiff", "diffusers")]
     assert sums[0] == sums[1]
