@@ -11,7 +11,8 @@ __all__ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError',
            'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler', 'DPMSolverMultistepScheduler',
            'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL',
            'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd',
-           'swap_scheduler', 'compare_schedulers', 'SD15_CONFIG', 'LoRALayer']
+           'swap_scheduler', 'compare_schedulers', 'SD15_CONFIG', 'LoRALayer', 'DDIMPipeline',
+           'enable_full_determinism', 'disable_full_determinism']
 
 # %% ../nbs/99_init.ipynb #011f22dc
 from .core import (BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid,
@@ -26,6 +27,7 @@ from .text_encoder import CLIPTextModel
 from .unipc import UniPCMultistepScheduler
 from .pndm import PNDMScheduler
 from .ddim import DDIMScheduler
+from .ddim_pipeline import DDIMPipeline
 from .lms import LMSDiscreteScheduler
 from .euler import EulerDiscreteScheduler, EulerAncestralDiscreteScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
@@ -38,6 +40,7 @@ from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput
 from .scheduler_gallery import swap_scheduler, compare_schedulers
 from .single_file import SD15_CONFIG  # adds from_single_file / save_single_file
 from .lora import LoRALayer  # adds load_lora_weights, fuse_lora, unfuse_lora, unload_lora_weights
+from .reproducibility import enable_full_determinism, disable_full_determinism
 
 # %% ../nbs/99_init.ipynb #9f68c753
 _all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', 'randn_tensor', 'image_grid',
@@ -47,4 +50,5 @@ _all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', '
           'LMSDiscreteScheduler', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler',
           'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel',
           'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline',
-          'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers', 'SD15_CONFIG', 'LoRALayer']
+          'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers', 'SD15_CONFIG', 'LoRALayer',
+          'DDIMPipeline', 'enable_full_determinism', 'disable_full_determinism']
