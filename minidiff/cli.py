@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb #34ae9f86
 from __future__ import annotations
-import argparse, math, os, tempfile
+import argparse, os, tempfile
 from pathlib import Path
 import torch
 import torch.distributed as dist
@@ -26,8 +26,8 @@ from .unipc import UniPCMultistepScheduler
 # %% auto #0
 __all__ = ['SCHEDULERS', 'SCHEDULER_ALIASES', 'DTYPES', 'GENERATE_EXAMPLES', 'DDPM_EXAMPLES', 'scheduler_name', 'UsageError',
            'Parser', 'positive_int', 'seed_int', 'image_size', 'check_writable', 'pick_device', 'load_pipeline',
-           'grid_shape', 'generate', 'read_prompts', 'dist_env', 'my_share', 'generate_many', 'run_distributed',
-           'build_parser', 'run_generate', 'run_ddpm', 'main']
+           'generate', 'read_prompts', 'dist_env', 'my_share', 'generate_many', 'run_distributed', 'build_parser',
+           'run_generate', 'run_ddpm', 'main']
 
 # %% ../nbs/90_cli.ipynb #99c9b741
 SCHEDULERS = {'ddpm': DDPMScheduler, 'ddim': DDIMScheduler, 'pndm': PNDMScheduler, 'lms': LMSDiscreteScheduler,
@@ -118,11 +118,6 @@ def load_pipeline(cls, model=None, default=MICRO_SD, dtype='float32', device='cp
     return pipe.to(device)
 
 # %% ../nbs/90_cli.ipynb #0870a378
-def grid_shape(n: int) -> tuple:
-    "(rows, cols) of the most nearly square grid for `n` images, never taller than wide."
-    rows = math.isqrt(n)
-    return rows, -(-n // rows)
-
 def generate(pipe, prompt, steps=25, guidance=7.5, negative_prompt=None, seed=0, num_images=1, height=None, width=None):
     "`num_images` PIL images of `prompt`, image k drawn with a generator seeded `seed + k`."
     gens = [torch.Generator().manual_seed(seed + k) for k in range(num_images)]
@@ -266,7 +261,7 @@ def run_generate(a) -> int:
     pipe.set_progress_bar_config(disable=a.quiet)
     images = generate(pipe, a.prompt, seed=a.seed, num_images=a.num_images, **kw)
     out = Path(a.output or 'minidiff.png'); out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, *grid_shape(len(images))).save(out)
+    image_grid(images).save(out)
     print(f"wrote {out}")
     return 0
 
@@ -279,7 +274,7 @@ def run_ddpm(a) -> int:
     gens = [torch.Generator().manual_seed(a.seed + k) for k in range(a.batch_size)]
     images = pipe(batch_size=a.batch_size, generator=gens, num_inference_steps=a.steps).images
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, *grid_shape(len(images))).save(out)
+    image_grid(images).save(out)
     print(f"wrote {a.output}")
     return 0
 

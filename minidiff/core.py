@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d74cb90e
 from __future__ import annotations
-import functools, importlib.util, inspect, json, os, re
+import functools, importlib.util, inspect, json, math, os, re
 from collections import OrderedDict
 from dataclasses import fields
 from pathlib import Path
@@ -15,7 +15,7 @@ from PIL import Image
 # %% auto #0
 __all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_class',
            'register_to_config', 'patch', 'CheckpointNotFoundError', 'resolve_file', 'ConfigMixin', 'check_generators',
-           'randn_tensor', 'pt_to_numpy', 'numpy_to_pil', 'image_grid', 'show_images']
+           'randn_tensor', 'pt_to_numpy', 'numpy_to_pil', 'grid_shape', 'image_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #85f994b2
 class BaseOutput(OrderedDict):
@@ -222,9 +222,16 @@ def numpy_to_pil(images: np.ndarray) -> list:
     return [Image.fromarray(im) for im in images]
 
 # %% ../nbs/00_core.ipynb #7ac8bf21
+def grid_shape(n: int) -> tuple:
+    "(rows, cols) of the most nearly square grid for `n` images, never taller than wide: 4 -> 2x2, 8 -> 2x4."
+    rows = max(math.isqrt(n), 1)
+    return rows, -(-n // rows)
+
 def image_grid(imgs, # PIL images, all of one size
-               rows=1, cols=None) -> Image.Image:
-    "Paste `imgs` into one `rows` x `cols` PIL image, row by row."
+               rows=None, cols=None) -> Image.Image:
+    "Paste `imgs` into one `rows` x `cols` PIL image, row by row; with neither given, the most nearly square grid."
+    if rows is None and cols is None: rows, cols = grid_shape(len(imgs))
+    rows = rows or -(-len(imgs) // cols)
     cols = cols or -(-len(imgs) // rows)
     if len(imgs) > rows * cols: raise ValueError(f"{len(imgs)} images do not fit a {rows}x{cols} grid")
     w, h = imgs[0].size
