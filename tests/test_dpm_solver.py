@@ -43,19 +43,20 @@ def check_loop(ours, ref, n, shape=(2, 4, 8, 8), **kw):
                                      (dict(timestep_spacing='even'), "timestep_spacing 'even'"),
                                      (dict(prediction_type='flow_prediction'), "prediction_type 'flow_prediction'"),
                                      (dict(algorithm_type='dpmsolver3'), "algorithm_type 'dpmsolver3'"),
-                                     (dict(algorithm_type='sde-dpmsolver++'), "'sde-dpmsolver\\+\\+' \\(SDE solver\\) is not implemented"),
+                                     (dict(algorithm_type='sde-dpmsolver', final_sigmas_type='sigma_min', solver_order=3), 'solver_order 3'),
+                                     (dict(algorithm_type='sde-dpmsolver'), "final_sigmas_type 'zero' is not supported"),
                                      (dict(solver_type='rk4'), "solver_type 'rk4'"), (dict(solver_order=4), 'solver_order 4'),
                                      (dict(final_sigmas_type='one'), "final_sigmas_type 'one'"),
                                      (dict(algorithm_type='dpmsolver'), "final_sigmas_type 'zero' is not supported for algorithm_type 'dpmsolver'"),
-                                     (dict(use_lu_lambdas=True), 'use_lu_lambdas'), (dict(use_flow_sigmas=True), 'use_flow_sigmas'),
-                                     (dict(use_exponential_sigmas=True), 'use_exponential_sigmas')])
+                                     (dict(use_flow_sigmas=True), 'use_flow_sigmas'),
+                                     (dict(use_exponential_sigmas=True, use_karras_sigmas=True), 'only one of')])
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg): DPMSolverMultistepScheduler(**kw)
 
 def test_step_errors():
     s = DPMSolverMultistepScheduler.from_config(SD)
     with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), 999, torch.zeros(1))
-    for n in [0, 1001, 2.5, None]:
+    for n in [0, 1001, 2.5]:
         err, msg = (ValueError, f'num_inference_steps={n} must be between') if type(n) is int else (TypeError, f'must be an int, got {n!r}')
         with pytest.raises(err, match=msg): s.set_timesteps(n)
     assert s.num_inference_steps is None
