@@ -131,12 +131,15 @@ def sigma_to_lambda(sigma): # EDM sigma (tensor)
 
 # %% ../nbs/02_schedule.ipynb #f0137977
 def convert_model_output(model_output, sample, # (B, ...) model output and VP sample x_t
-                         sigma, prediction_type='epsilon', predict_x0=True):
+                         sigma, prediction_type='epsilon', predict_x0=True,
+                         alpha_sigma=sigma_to_alpha_sigma_t): # sigma -> (alpha_t, sigma_t)
     "The model output as `x0` (`predict_x0`) or as `eps`, at EDM sigma `sigma`."
-    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-    check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
+    alpha_t, sigma_t = alpha_sigma(sigma)
+    check_choice('prediction_type', prediction_type, PREDICTION_TYPES + ('flow_prediction',))
+    if prediction_type == 'flow_prediction' and not predict_x0: raise ValueError("flow_prediction needs predict_x0=True")
     if predict_x0:
         if prediction_type == 'epsilon': return (sample - sigma_t * model_output) / alpha_t
+        if prediction_type == 'flow_prediction': return sample - sigma * model_output
         return model_output if prediction_type == 'sample' else alpha_t * sample - sigma_t * model_output
     if prediction_type == 'epsilon': return model_output
     if prediction_type == 'sample': return (sample - alpha_t * model_output) / sigma_t

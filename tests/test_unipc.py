@@ -116,13 +116,12 @@ def test_from_dpm_solver_config_maps_solver_type():
 @pytest.mark.parametrize('kw,msg', [
     (dict(beta_schedule='cosine'), "unknown beta_schedule 'cosine'"),
     (dict(timestep_spacing='even'), "unknown timestep_spacing 'even'"),
-    (dict(prediction_type='flow_prediction'), "unknown prediction_type 'flow_prediction'"),
+    (dict(prediction_type='flow'), "unknown prediction_type 'flow'"),
     (dict(solver_type='bh3'), "unknown solver_type 'bh3'"),
     (dict(final_sigmas_type='one'), "unknown final_sigmas_type 'one'"),
     (dict(solver_order=0), "solver_order must be a positive int, got 0"),
-    (dict(use_flow_sigmas=True), "use_flow_sigmas=True is not supported"),
-    (dict(use_exponential_sigmas=True), "use_exponential_sigmas=True is not supported"),
-    (dict(use_beta_sigmas=True), "use_beta_sigmas=True is not supported"),
+    (dict(use_exponential_sigmas=True, use_beta_sigmas=True), "only one of"),
+    (dict(shift_terminal=0.1, use_flow_sigmas=True), "shift_terminal=0.1 is not supported"),
     (dict(use_dynamic_shifting=True), "use_dynamic_shifting=True is not supported")])
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg): UniPCMultistepScheduler.from_config(SD, **kw)
