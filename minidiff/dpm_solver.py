@@ -100,7 +100,8 @@ def dpm_sde_update(sample, ms, # sample at s0; [.., m1, m0]: x0 (sde-dpmsolver++
 def _check_dpm_config(s):
     "Check `s.config` as diffusers does; rename DEIS's and UniPC's settings to their DPM-Solver equivalents."
     c = s.config
-    check_choice('algorithm_type', c.algorithm_type, ('dpmsolver++', 'dpmsolver', 'sde-dpmsolver++', 'sde-dpmsolver', 'deis'))
+    check_choice('algorithm_type', c.algorithm_type,
+                 ('dpmsolver++', 'dpmsolver', 'sde-dpmsolver++', 'sde-dpmsolver', 'deis'))
     check_choice('solver_order', c.solver_order, (1, 2, 3))
     check_choice('solver_type', c.solver_type, ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'))
     check_choice('prediction_type', c.prediction_type, PREDICTION_TYPES)

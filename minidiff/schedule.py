@@ -136,7 +136,8 @@ def convert_model_output(model_output, sample, # (B, ...) model output and VP sa
     "The model output as `x0` (`predict_x0`) or as `eps`, at EDM sigma `sigma`."
     alpha_t, sigma_t = alpha_sigma(sigma)
     check_choice('prediction_type', prediction_type, PREDICTION_TYPES + ('flow_prediction',))
-    if prediction_type == 'flow_prediction' and not predict_x0: raise ValueError("flow_prediction needs predict_x0=True")
+    if prediction_type == 'flow_prediction' and not predict_x0:
+        raise ValueError("flow_prediction needs predict_x0=True")
     if predict_x0:
         if prediction_type == 'epsilon': return (sample - sigma_t * model_output) / alpha_t
         if prediction_type == 'flow_prediction': return sample - sigma * model_output
@@ -225,7 +226,7 @@ def sigma_spacing(config):
 
 def schedule_length(num_inference_steps, config, timesteps=None, sigmas=None, # custom schedule, at most one
                     no_custom_timesteps=tuple(SIGMA_SPACINGS)) -> int: # config keys that rule out custom timesteps
-    "The number of sampling steps of `set_timesteps(n)`, `(timesteps=ts)` or `(sigmas=s)` (`s` ends with the final sigma)."
+    "The step count of `set_timesteps(n)`, `(timesteps=ts)` or `(sigmas=s)` (`s` ends with the final sigma)."
     given = [k for k, v in dict(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas).items()
              if v is not None]
     if len(given) != 1: raise ValueError(f"pass exactly one of num_inference_steps, timesteps, sigmas; got {given}")

@@ -143,7 +143,8 @@ class UniPCMultistepScheduler(StepIndexMixin, SchedulerMixin):
         self._step_index = self._begin_index = None
 
     def scale_model_input(self, sample, *args, **kwargs): return sample
-    def _alpha_sigma(self, sigma): return (flow_alpha_sigma_t if self.config.use_flow_sigmas else sigma_to_alpha_sigma_t)(sigma)
+    def _alpha_sigma(self, sigma):
+        return (flow_alpha_sigma_t if self.config.use_flow_sigmas else sigma_to_alpha_sigma_t)(sigma)
     def __len__(self): return self.config.num_train_timesteps
 
 # %% ../nbs/11_unipc.ipynb #f5ebd2ae
