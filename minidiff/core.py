@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d74cb90e
 from __future__ import annotations
-import functools, importlib.util, inspect, json, math, os, re
+import functools, importlib.util, inspect, json, math, os, re, warnings
 from collections import OrderedDict
 from dataclasses import fields
 from pathlib import Path
@@ -144,6 +144,19 @@ class ConfigMixin:
                 and p.name not in cls.ignore_for_config]
     def __repr__(self): return f"{type(self).__name__} {self.to_json_string()}"
 
+# %% ../nbs/00_core.ipynb #e1aed552
+ConfigMixin._deprecated_kwargs = []  # `__init__` keywords kept only to warn that they are deprecated: none in minidiff
+
+def _config_key_as_attribute(self, name): # a module-level `__getattr__` would be the module's own (PEP 562)
+    "A config key read as an attribute (`scheduler.num_train_timesteps`) works with diffusers' `FutureWarning`."
+    config = self.__dict__.get('_internal_dict', {})  # never `self.config`: no recursion before the config exists
+    if name not in config: raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+    warnings.warn(f"Accessing config attribute `{name}` directly via '{type(self).__name__}' object attribute is "
+                  f"deprecated. Please access '{name}' over '{type(self).__name__}'s config object instead, e.g. "
+                  f"'scheduler.config.{name}'.", FutureWarning, stacklevel=2)
+    return config[name]
+ConfigMixin.__getattr__ = _config_key_as_attribute
+
 # %% ../nbs/00_core.ipynb #556b6572
 @patch(cls_method=True)
 def from_config(cls: ConfigMixin, config=None, **kwargs):
@@ -180,7 +193,9 @@ def to_json_string(self: ConfigMixin) -> str:
 
 @patch
 def save_config(self: ConfigMixin, save_directory):
-    "Write the config to `save_directory/config_name`."
+    "Write the config to `save_directory/config_name`, recording `_class_name` and `_diffusers_version` in it too."
+    self.register_to_config(_class_name=type(self).__name__,
+                            _diffusers_version=self.config.get('_diffusers_version', DIFFUSERS_VERSION))
     p = Path(save_directory); p.mkdir(parents=True, exist_ok=True)
     (p/self.config_name).write_text(self.to_json_string(), encoding='utf-8')
 

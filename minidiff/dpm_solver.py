@@ -6,16 +6,16 @@
 from __future__ import annotations
 import numpy as np
 import torch
-from .core import register_to_config, patch
+from .core import randn_tensor, register_to_config, patch
 from .schedule import (SchedulerMixin, SchedulerOutput, SigmaSchedulerMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
-                               check_choice, check_num_inference_steps, threshold_sample, train_schedule,
-                               sigmas_from_alphas_cumprod, sigmas_at, sigma_to_alpha_sigma_t, karras_sigmas, sigma_to_t,
-                               unipc_timesteps, config_or)
+                               check_choice, threshold_sample, train_schedule,
+                               sigmas_from_alphas_cumprod, sigmas_at, sigma_to_alpha_sigma_t, sigma_to_t,
+                               unipc_timesteps, config_or, sigma_spacing, schedule_length)
 from .schedule import convert_model_output as convert_vp_output  # the method below takes the name
 
 # %% auto #0
-__all__ = ['alpha_sigma_lambda', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update',
-           'DPMSolverMultistepScheduler']
+__all__ = ['alpha_sigma_lambda', 'dpm_first_order_update', 'dpm_second_order_update', 'dpm_third_order_update', 'dpm_sde_update',
+           'DPMSolverMultistepScheduler', 'lu_lambda_sigmas']
 
 # %% ../nbs/19_dpm_solver.ipynb #2215768d
 def alpha_sigma_lambda(sigma) -> tuple:
@@ -70,26 +70,51 @@ def dpm_third_order_update(sample, ms, # sample at s0; [.., m2, m1, m0]: model o
             - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
             - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2)
 
-# %% ../nbs/19_dpm_solver.ipynb #1d59e4bd
-_UNSUPPORTED = ('use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas', 'use_flow_sigmas',
-                'use_dynamic_shifting')
+# %% ../nbs/19_dpm_solver.ipynb #f5b8cd4c
+def dpm_sde_update(sample, ms, # sample at s0; [.., m1, m0]: x0 (sde-dpmsolver++) or eps (sde-dpmsolver), oldest first
+                   sigmas, # (sigma_t, sigma_s0[, sigma_s1[, sigma_s2]]): the update's order is len(sigmas) - 1
+                   noise, algorithm_type='sde-dpmsolver++', solver_type='midpoint') -> torch.Tensor:
+    "One stochastic DPM-Solver(++) multistep update of order 1 to 3 (3: sde-dpmsolver++ only), with noise `noise`."
+    (alpha_t, sigma_t, lambda_t), (alpha_s0, sigma_s0, lambda_s0), *rest = map(alpha_sigma_lambda, sigmas)
+    h, order, m0 = lambda_t - lambda_s0, len(sigmas) - 1, ms[-1]
+    if order > 1: r0 = (lambda_s0 - rest[0][2]) / h; D1 = (1.0 / r0) * (m0 - ms[-2])
+    if order == 3:
+        r1 = (rest[0][2] - rest[1][2]) / h
+        D1_1 = (1.0 / r1) * (ms[-2] - ms[-3])
+        D1, D2 = D1 + (r0 / (r0 + r1)) * (D1 - D1_1), (1.0 / (r0 + r1)) * (D1 - D1_1)
+    if algorithm_type == 'sde-dpmsolver++':
+        x_t = (sigma_t / sigma_s0 * torch.exp(-h)) * sample + (alpha_t * (1 - torch.exp(-2.0 * h))) * m0
+        heun_w = alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+        midpoint_w = 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h)))
+        if order == 2: x_t = x_t + (midpoint_w if solver_type == 'midpoint' else heun_w) * D1
+        if order == 3: x_t = (x_t + heun_w * D1
+                              + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2)
+        return x_t + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+    if order == 3: raise ValueError("algorithm_type 'sde-dpmsolver' has no third-order update: use solver_order <= 2")
+    x_t = (alpha_t / alpha_s0) * sample - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * m0
+    if order == 2: x_t = x_t - ((sigma_t * (torch.exp(h) - 1.0)) if solver_type == 'midpoint'
+                                else 2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))) * D1
+    return x_t + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise
 
+# %% ../nbs/19_dpm_solver.ipynb #1d59e4bd
 def _check_dpm_config(s):
     "Check `s.config` as diffusers does; rename DEIS's and UniPC's settings to their DPM-Solver equivalents."
     c = s.config
-    if str(c.algorithm_type).startswith('sde-'):
-        raise ValueError(f"algorithm_type {c.algorithm_type!r} (SDE solver) is not implemented: use 'dpmsolver++'")
-    check_choice('algorithm_type', c.algorithm_type, ('dpmsolver++', 'dpmsolver', 'deis'))
+    check_choice('algorithm_type', c.algorithm_type,
+                 ('dpmsolver++', 'dpmsolver', 'sde-dpmsolver++', 'sde-dpmsolver', 'deis'))
     check_choice('solver_order', c.solver_order, (1, 2, 3))
     check_choice('solver_type', c.solver_type, ('midpoint', 'heun', 'logrho', 'bh1', 'bh2'))
     check_choice('prediction_type', c.prediction_type, PREDICTION_TYPES)
     check_choice('timestep_spacing', c.timestep_spacing, TIMESTEP_SPACINGS)
     check_choice('final_sigmas_type', c.final_sigmas_type, ('zero', 'sigma_min'))
-    unsupported = [k for k in _UNSUPPORTED if c[k]]
-    if unsupported: raise ValueError(f"{unsupported} not implemented: use use_karras_sigmas or the default sigmas")
+    sigma_spacing(c)  # at most one of karras, exponential, beta
+    unsupported = [k for k in ('use_flow_sigmas', 'use_dynamic_shifting') if c[k]]
+    if unsupported: raise ValueError(f"{unsupported} not implemented: use the VP sigmas (default, Karras, Lu, ...)")
+    if c.algorithm_type == 'sde-dpmsolver' and c.solver_order == 3:
+        raise ValueError("solver_order 3 is not available for algorithm_type 'sde-dpmsolver': use 1 or 2")
     if c.algorithm_type == 'deis': s.register_to_config(algorithm_type='dpmsolver++')
     if c.solver_type in ('logrho', 'bh1', 'bh2'): s.register_to_config(solver_type='midpoint')
-    if c.algorithm_type != 'dpmsolver++' and c.final_sigmas_type == 'zero':  # `c`: the config as given
+    if c.algorithm_type in ('dpmsolver', 'sde-dpmsolver') and c.final_sigmas_type == 'zero':  # `c`: the config as given
         raise ValueError(f"final_sigmas_type 'zero' is not supported for algorithm_type {c.algorithm_type!r}: "
                          "use 'sigma_min'")
 
@@ -124,22 +149,34 @@ class DPMSolverMultistepScheduler(SigmaSchedulerMixin, SchedulerMixin):
         return sample
     def __len__(self): return self.config.num_train_timesteps
 
+# %% ../nbs/19_dpm_solver.ipynb #16f3a197
+def lu_lambda_sigmas(log_sigmas, # (T,) float32 log of the training sigmas, low to high
+                     n) -> np.ndarray:
+    "Lu et al. (2022a): `n` sigmas evenly spaced in `lambda = -log sigma`, from `sigma_max` down to `sigma_min`."
+    log_min, log_max = log_sigmas[0].item(), log_sigmas[-1].item()
+    return np.exp(log_max + np.linspace(0, 1, n) * (log_min - log_max))
+
 # %% ../nbs/19_dpm_solver.ipynb #8123c7d3
 @patch
-def set_timesteps(self: DPMSolverMultistepScheduler, num_inference_steps, device=None):
-    "Choose the int64 sampling timesteps and their sigmas (plus the final sigma); reset the solver history."
-    c, n = self.config, num_inference_steps
-    check_num_inference_steps(n, c.num_train_timesteps)
-    clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
-    last_timestep = c.num_train_timesteps - clipped_idx
-    timesteps = unipc_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset, last_timestep)
+def set_timesteps(self: DPMSolverMultistepScheduler, num_inference_steps=None, device=None, timesteps=None):
+    "Choose the int64 sampling timesteps (or take custom `timesteps`) and their sigmas; reset the solver history."
+    c = self.config
+    n = schedule_length(num_inference_steps, c, timesteps, no_custom_timesteps=(
+        'use_karras_sigmas', 'use_lu_lambdas', 'use_exponential_sigmas', 'use_beta_sigmas'))
+    if timesteps is not None: timesteps = np.array(timesteps).astype(np.int64)
+    else:
+        clipped_idx = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
+        timesteps = unipc_timesteps(n, c.num_train_timesteps, c.timestep_spacing, c.steps_offset,
+                                    c.num_train_timesteps - clipped_idx)
     train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
-    if c.use_karras_sigmas:
-        lo, hi = config_or(c, 'sigma_min', train_sigmas[0].item()), config_or(c, 'sigma_max', train_sigmas[-1].item())
-        sigmas = karras_sigmas(lo, hi, n)
+    spacing, lu = sigma_spacing(c), c.use_lu_lambdas and not c.use_karras_sigmas
+    if spacing is None and not lu: sigmas = sigmas_at(self.alphas_cumprod, timesteps)
+    else:
+        if lu: sigmas = lu_lambda_sigmas(np.log(train_sigmas), n)
+        else: sigmas = spacing(config_or(c, 'sigma_min', train_sigmas[0].item()),
+                               config_or(c, 'sigma_max', train_sigmas[-1].item()), n)
         timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
-        if c.beta_schedule != 'squaredcos_cap_v2': timesteps = timesteps.round()
-    else: sigmas = sigmas_at(self.alphas_cumprod, timesteps)
+        if (lu or c.use_karras_sigmas) and c.beta_schedule != 'squaredcos_cap_v2': timesteps = timesteps.round()
     sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
     self.sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
     self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
@@ -156,7 +193,7 @@ def add_noise(self: DPMSolverMultistepScheduler, original_samples, noise, timest
 @patch
 def convert_model_output(self: DPMSolverMultistepScheduler, model_output, sample=None) -> torch.Tensor:
     "The data prediction x0 (dpmsolver++) or the noise prediction eps (dpmsolver) at the current step."
-    c, sigma, predict_x0 = self.config, self.sigmas[self.step_index], self.config.algorithm_type == 'dpmsolver++'
+    c, sigma, predict_x0 = self.config, self.sigmas[self.step_index], self.config.algorithm_type.endswith('++')
     if c.prediction_type == 'epsilon' and c.variance_type in ('learned', 'learned_range'):
         model_output = model_output[:, :3]
     m = convert_vp_output(model_output, sample, sigma, c.prediction_type, predict_x0)
@@ -171,6 +208,7 @@ def convert_model_output(self: DPMSolverMultistepScheduler, model_output, sample
 def step(self: DPMSolverMultistepScheduler, model_output, timestep, sample, generator=None, variance_noise=None,
          return_dict=True):
     "One multistep update, of order 1 up to `solver_order` depending on the history and the position."
+    if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step")
     self._check_ready(timestep)
     c, i, n, s = self.config, self.step_index, len(self.timesteps), self.sigmas
     lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
@@ -178,15 +216,20 @@ def step(self: DPMSolverMultistepScheduler, model_output, timestep, sample, gene
     lower_order_second = i == n - 2 and c.lower_order_final and n < 15
     model_output = self.convert_model_output(model_output, sample=sample)
     self.model_outputs = self.model_outputs[1:] + [model_output]
-    sample = sample.to(torch.float32)
-    if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-        prev_sample = dpm_first_order_update(sample, model_output, s[i + 1], s[i], c.algorithm_type)
-    elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-        sigmas = (s[i + 1], s[i], s[i - 1])
+    sample, noise = sample.to(torch.float32), None
+    if c.algorithm_type.startswith('sde-'):
+        noise = (randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+                 if variance_noise is None else variance_noise.to(device=model_output.device, dtype=torch.float32))
+    if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final: order = 1
+    elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second: order = 2
+    else: order = 3
+    sigmas = [s[i + 1 - k] for k in range(order + 1)]  # sigma_t, sigma_s0, sigma_s1, ...
+    if noise is not None:
+        prev_sample = dpm_sde_update(sample, self.model_outputs, sigmas, noise, c.algorithm_type, c.solver_type)
+    elif order == 1: prev_sample = dpm_first_order_update(sample, model_output, *sigmas, c.algorithm_type)
+    elif order == 2:
         prev_sample = dpm_second_order_update(sample, self.model_outputs, sigmas, c.algorithm_type, c.solver_type)
-    else:
-        sigmas = (s[i + 1], s[i], s[i - 1], s[i - 2])
-        prev_sample = dpm_third_order_update(sample, self.model_outputs, sigmas, c.algorithm_type)
+    else: prev_sample = dpm_third_order_update(sample, self.model_outputs, sigmas, c.algorithm_type)
     self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
     prev_sample = prev_sample.to(model_output.dtype)
     self._step_index += 1

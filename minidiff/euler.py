@@ -10,7 +10,8 @@ import torch
 from .core import randn_tensor, register_to_config, patch
 from .schedule import (SchedulerMixin, SchedulerOutput, SigmaSchedulerMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
                                check_choice, check_num_inference_steps, train_schedule, sigmas_from_alphas_cumprod,
-                               sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps, sigma_x0_pred, config_or)
+                               sigmas_at, sigma_to_t, spaced_timesteps, sigma_x0_pred, config_or, sigma_spacing,
+                               schedule_length)
 
 # %% auto #0
 __all__ = ['EULER_PREDICTION_TYPES', 'EulerDiscreteScheduler', 'EulerAncestralDiscreteScheduler']
@@ -39,8 +40,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
         check_choice('timestep_spacing', timestep_spacing, TIMESTEP_SPACINGS)
         check_choice('timestep_type', timestep_type, ('discrete', 'continuous'))
         check_choice('final_sigmas_type', final_sigmas_type, ('zero', 'sigma_min'))
-        if use_exponential_sigmas or use_beta_sigmas:
-            raise ValueError("use_exponential_sigmas and use_beta_sigmas are not implemented: use use_karras_sigmas")
+        sigma_spacing(self.config)  # at most one of karras, exponential, beta
         self.betas, self.alphas_cumprod = train_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                          trained_betas, rescale_betas_zero_snr)
         self.alphas, self.use_karras_sigmas = 1.0 - self.betas, use_karras_sigmas
@@ -56,24 +56,36 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin, SchedulerMixin):
 
 # %% ../nbs/18_euler.ipynb #70b78bcd
 @patch
-def set_timesteps(self: EulerDiscreteScheduler, num_inference_steps, device=None):
-    "Choose the `num_inference_steps` sampling timesteps and their sigmas (plus the final sigma)."
-    c, n = self.config, num_inference_steps
-    check_num_inference_steps(n, c.num_train_timesteps)
-    timesteps = spaced_timesteps(c.num_train_timesteps, n, c.timestep_spacing, c.steps_offset).astype(np.float32)
-    train_sigmas = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
+def _spaced_sigmas(self: EulerDiscreteScheduler, n, timesteps=None) -> tuple:
+    "The float32 timesteps and the sigmas (plus the final sigma) of `n` steps, spaced per config or at `timesteps`."
+    c, train_sigmas = self.config, sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
+    if timesteps is None: timesteps = spaced_timesteps(c.num_train_timesteps, n, c.timestep_spacing, c.steps_offset)
+    timesteps = np.array(timesteps).astype(np.float32)
     if c.interpolation_type == 'linear': sigmas = sigmas_at(self.alphas_cumprod, timesteps)
     else: sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), n + 1).exp().numpy()
-    if c.use_karras_sigmas:
+    if (spacing := sigma_spacing(c)) is not None:
         lo, hi = config_or(c, 'sigma_min', sigmas[-1].item()), config_or(c, 'sigma_max', sigmas[0].item())
-        sigmas = karras_sigmas(lo, hi, n)
+        sigmas = spacing(lo, hi, n)
         timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
     sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
-    sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
-    if c.timestep_type == 'continuous' and c.prediction_type == 'v_prediction': timesteps = 0.25 * sigmas[:-1].log()
-    else: timesteps = torch.from_numpy(timesteps.astype(np.float32))
-    self.timesteps = timesteps.to(device)
-    self.sigmas, self.num_inference_steps, self._step_index, self._begin_index = sigmas, n, None, None
+    return timesteps, np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+
+@patch
+def set_timesteps(self: EulerDiscreteScheduler, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+    "Choose `num_inference_steps` sampling timesteps and their sigmas (plus the final sigma), or custom ones."
+    c = self.config
+    n = schedule_length(num_inference_steps, c, timesteps, sigmas)
+    continuous = c.timestep_type == 'continuous' and c.prediction_type == 'v_prediction'
+    if continuous and timesteps is not None:
+        raise ValueError("custom timesteps cannot be used with timestep_type='continuous' and v_prediction")
+    if sigmas is None: timesteps, sigmas = self._spaced_sigmas(n, timesteps)
+    else:
+        sigmas = np.array(sigmas).astype(np.float32)
+        timesteps = sigma_to_t(sigmas[:-1], np.log(sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()))
+    sigmas = torch.from_numpy(sigmas)
+    timesteps = 0.25 * sigmas[:-1].log() if continuous else torch.from_numpy(timesteps.astype(np.float32))
+    self.timesteps, self.sigmas, self.num_inference_steps = timesteps.to(device), sigmas, n
+    self._step_index = self._begin_index = None
 
 # %% ../nbs/18_euler.ipynb #9bb6ac30
 @patch

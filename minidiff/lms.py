@@ -4,52 +4,16 @@
 
 # %% ../nbs/17_lms.ipynb #2823d019
 from __future__ import annotations
-import math, warnings
+import warnings
 import numpy as np
 import torch
 from .core import register_to_config, patch
 from .schedule import (SchedulerMixin, SchedulerOutput, SigmaSchedulerMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
                                check_choice, train_schedule, sigmas_at, karras_sigmas, sigma_to_t, spaced_timesteps,
-                               sigma_x0_pred, config_or)
+                               sigma_x0_pred, config_or, exponential_sigmas, beta_sigmas)
 
 # %% auto #0
-__all__ = ['exponential_sigmas', 'beta_ppf', 'beta_sigmas', 'gauss_legendre', 'lms_coefficient', 'LMSDiscreteScheduler']
-
-# %% ../nbs/17_lms.ipynb #e8bce403
-def exponential_sigmas(sigma_min, sigma_max, n) -> np.ndarray:
-    "`n` sigmas from `sigma_max` to `sigma_min`, evenly spaced in log sigma."
-    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-
-# %% ../nbs/17_lms.ipynb #6a06da45
-def _beta_cdf_fraction(x, a, b, terms=40):
-    "I_x(a, b) by its continued fraction (modified Lentz); accurate for x below (a + 1) / (a + b + 2)."
-    c, d = np.ones_like(x), 1 / (1 - (a + b) * x / (a + 1))
-    h = d
-    for m in range(1, terms):
-        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        for d_m in (even, odd):
-            d, c = 1 / (1 + d_m * d), 1 + d_m / c
-            h = h * d * c
-    log_front = a * np.log(x) + b * np.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    return np.exp(log_front) * h / a
-
-# %% ../nbs/17_lms.ipynb #8dc3f114
-def beta_ppf(u, a, b) -> np.ndarray:
-    "Quantiles of the Beta(a, b) distribution at probabilities `u` (float64), by bisection of its CDF."
-    u, lo, hi = np.asarray(u, dtype=np.float64), np.zeros(np.shape(u)), np.ones(np.shape(u))
-    for _ in range(60):
-        x = (lo + hi) / 2
-        flip = x > (a + 1) / (a + b + 2)  # above the mean use I_x(a, b) = 1 - I_{1-x}(b, a)
-        xs = np.where(flip, 1 - x, x)
-        with np.errstate(divide='ignore'):  # x rounds to 1 when u -> 1; u = 0 and 1 are set exactly below
-            cdf = np.where(flip, 1 - _beta_cdf_fraction(xs, b, a), _beta_cdf_fraction(xs, a, b))
-        lo, hi = np.where(cdf < u, x, lo), np.where(cdf < u, hi, x)
-    return np.where(u <= 0, 0.0, np.where(u >= 1, 1.0, (lo + hi) / 2))
-
-def beta_sigmas(sigma_min, sigma_max, n, alpha=0.6, beta=0.6) -> np.ndarray:
-    "Lee et al. (2024): `n` sigmas from `sigma_max` to `sigma_min` at the Beta(alpha, beta) quantiles."
-    return sigma_min + beta_ppf(1 - np.linspace(0, 1, n), alpha, beta) * (sigma_max - sigma_min)
+__all__ = ['gauss_legendre', 'lms_coefficient', 'LMSDiscreteScheduler']
 
 # %% ../nbs/17_lms.ipynb #c0667c1c
 def gauss_legendre(m) -> tuple:

@@ -11,12 +11,13 @@ import torch
 from .core import BaseOutput, ConfigMixin, _REGISTRY
 
 # %% auto #0
-__all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'KARRAS_SCHEDULERS', 'betas_for_alpha_bar', 'make_betas',
-           'rescale_zero_terminal_snr', 'check_choice', 'check_num_inference_steps', 'spaced_timesteps',
-           'unipc_timesteps', 'threshold_sample', 'train_schedule', 'sigmas_from_alphas_cumprod', 'sigmas_at',
-           'sigma_to_alpha_sigma_t', 'sigma_to_lambda', 'convert_model_output', 'sigma_x0_pred', 'karras_sigmas',
-           'sigma_to_t', 'config_or', 'SchedulerOutput', 'SchedulerMixin', 'index_for_timestep', 'StepIndexMixin',
-           'SigmaSchedulerMixin', 'scheduler_loop', 'toy_model_fn']
+__all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'SIGMA_SPACINGS', 'KARRAS_SCHEDULERS',
+           'betas_for_alpha_bar', 'make_betas', 'rescale_zero_terminal_snr', 'check_choice',
+           'check_num_inference_steps', 'spaced_timesteps', 'unipc_timesteps', 'threshold_sample', 'train_schedule',
+           'sigmas_from_alphas_cumprod', 'sigmas_at', 'sigma_to_alpha_sigma_t', 'sigma_to_lambda',
+           'convert_model_output', 'sigma_x0_pred', 'karras_sigmas', 'sigma_to_t', 'config_or', 'exponential_sigmas',
+           'beta_ppf', 'beta_sigmas', 'sigma_spacing', 'schedule_length', 'SchedulerOutput', 'SchedulerMixin',
+           'index_for_timestep', 'StepIndexMixin', 'SigmaSchedulerMixin', 'scheduler_loop', 'toy_model_fn']
 
 # %% ../nbs/02_schedule.ipynb #a61e0c3f
 def betas_for_alpha_bar(num_diffusion_timesteps, max_beta=0.999):
@@ -130,12 +131,16 @@ def sigma_to_lambda(sigma): # EDM sigma (tensor)
 
 # %% ../nbs/02_schedule.ipynb #f0137977
 def convert_model_output(model_output, sample, # (B, ...) model output and VP sample x_t
-                         sigma, prediction_type='epsilon', predict_x0=True):
+                         sigma, prediction_type='epsilon', predict_x0=True,
+                         alpha_sigma=sigma_to_alpha_sigma_t): # sigma -> (alpha_t, sigma_t)
     "The model output as `x0` (`predict_x0`) or as `eps`, at EDM sigma `sigma`."
-    alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
-    check_choice('prediction_type', prediction_type, PREDICTION_TYPES)
+    alpha_t, sigma_t = alpha_sigma(sigma)
+    check_choice('prediction_type', prediction_type, PREDICTION_TYPES + ('flow_prediction',))
+    if prediction_type == 'flow_prediction' and not predict_x0:
+        raise ValueError("flow_prediction needs predict_x0=True")
     if predict_x0:
         if prediction_type == 'epsilon': return (sample - sigma_t * model_output) / alpha_t
+        if prediction_type == 'flow_prediction': return sample - sigma * model_output
         return model_output if prediction_type == 'sample' else alpha_t * sample - sigma_t * model_output
     if prediction_type == 'epsilon': return model_output
     if prediction_type == 'sample': return (sample - alpha_t * model_output) / sigma_t
@@ -172,6 +177,65 @@ def config_or(config, key, default):
     "`config[key]` when the config has the key and it is not `None`, else `default`."
     value = config.get(key)
     return default if value is None else value
+
+# %% ../nbs/02_schedule.ipynb #e8bce403
+def exponential_sigmas(sigma_min, sigma_max, n) -> np.ndarray:
+    "`n` sigmas from `sigma_max` to `sigma_min`, evenly spaced in log sigma."
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+# %% ../nbs/02_schedule.ipynb #6a06da45
+def _beta_cdf_fraction(x, a, b, terms=40):
+    "I_x(a, b) by its continued fraction (modified Lentz); accurate for x below (a + 1) / (a + b + 2)."
+    c, d = np.ones_like(x), 1 / (1 - (a + b) * x / (a + 1))
+    h = d
+    for m in range(1, terms):
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for d_m in (even, odd):
+            d, c = 1 / (1 + d_m * d), 1 + d_m / c
+            h = h * d * c
+    log_front = a * np.log(x) + b * np.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    return np.exp(log_front) * h / a
+
+# %% ../nbs/02_schedule.ipynb #8dc3f114
+def beta_ppf(u, a, b) -> np.ndarray:
+    "Quantiles of the Beta(a, b) distribution at probabilities `u` (float64), by bisection of its CDF."
+    u, lo, hi = np.asarray(u, dtype=np.float64), np.zeros(np.shape(u)), np.ones(np.shape(u))
+    for _ in range(60):
+        x = (lo + hi) / 2
+        flip = x > (a + 1) / (a + b + 2)  # above the mean use I_x(a, b) = 1 - I_{1-x}(b, a)
+        xs = np.where(flip, 1 - x, x)
+        with np.errstate(divide='ignore'):  # x rounds to 1 when u -> 1; u = 0 and 1 are set exactly below
+            cdf = np.where(flip, 1 - _beta_cdf_fraction(xs, b, a), _beta_cdf_fraction(xs, a, b))
+        lo, hi = np.where(cdf < u, x, lo), np.where(cdf < u, hi, x)
+    return np.where(u <= 0, 0.0, np.where(u >= 1, 1.0, (lo + hi) / 2))
+
+def beta_sigmas(sigma_min, sigma_max, n, alpha=0.6, beta=0.6) -> np.ndarray:
+    "Lee et al. (2024): `n` sigmas from `sigma_max` to `sigma_min` at the Beta(alpha, beta) quantiles."
+    return sigma_min + beta_ppf(1 - np.linspace(0, 1, n), alpha, beta) * (sigma_max - sigma_min)
+
+# %% ../nbs/02_schedule.ipynb #f0669a30
+SIGMA_SPACINGS = {'use_karras_sigmas': karras_sigmas, 'use_exponential_sigmas': exponential_sigmas,
+                  'use_beta_sigmas': beta_sigmas}
+
+def sigma_spacing(config):
+    "The sigma spacing `config` turns on (`karras_sigmas`, `exponential_sigmas` or `beta_sigmas`), else None."
+    chosen = [k for k in SIGMA_SPACINGS if config.get(k)]
+    if len(chosen) > 1: raise ValueError(f"only one of {', '.join(SIGMA_SPACINGS)} can be True, got {chosen}")
+    return SIGMA_SPACINGS[chosen[0]] if chosen else None
+
+def schedule_length(num_inference_steps, config, timesteps=None, sigmas=None, # custom schedule, at most one
+                    no_custom_timesteps=tuple(SIGMA_SPACINGS)) -> int: # config keys that rule out custom timesteps
+    "The step count of `set_timesteps(n)`, `(timesteps=ts)` or `(sigmas=s)` (`s` ends with the final sigma)."
+    given = [k for k, v in dict(num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas).items()
+             if v is not None]
+    if len(given) != 1: raise ValueError(f"pass exactly one of num_inference_steps, timesteps, sigmas; got {given}")
+    if num_inference_steps is not None:
+        check_num_inference_steps(num_inference_steps, config['num_train_timesteps'])
+        return num_inference_steps
+    bad = [k for k in no_custom_timesteps if timesteps is not None and config.get(k)]
+    if bad: raise ValueError(f"custom timesteps cannot be used with {bad[0]}=True: the sigmas are re-spaced")
+    return len(timesteps) if timesteps is not None else len(sigmas) - 1
 
 # %% ../nbs/02_schedule.ipynb #eaee1b3a
 @dataclass
@@ -253,11 +317,9 @@ class SigmaSchedulerMixin(StepIndexMixin):
         max_sigma = self.sigmas.max()
         return max_sigma if self.config.timestep_spacing in ('linspace', 'trailing') else (max_sigma**2 + 1) ** 0.5
     def _check_ready(self, timestep):
-        if self.num_inference_steps is None:
-            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
         if self.step_index is None: self._init_step_index(timestep)
         if self.step_index >= len(self.sigmas) - 1:
-            raise ValueError(f"all {self.num_inference_steps} steps are done: call set_timesteps again")
+            raise ValueError(f"all {len(self.sigmas) - 1} steps are done: call set_timesteps again")
     def scale_model_input(self, sample, timestep) -> torch.Tensor:
         "Divide the VE sample by `sqrt(sigma**2 + 1)`, the scale the model was trained on."
         self._check_ready(timestep)

@@ -9,11 +9,11 @@ import torch
 from .core import register_to_config, patch
 from .schedule import (SchedulerMixin, SchedulerOutput, StepIndexMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
                                check_choice, check_num_inference_steps, threshold_sample, train_schedule,
-                               sigmas_from_alphas_cumprod, sigma_to_alpha_sigma_t, sigma_to_lambda, karras_sigmas,
-                               sigma_to_t, unipc_timesteps, convert_model_output, config_or)
+                               sigmas_from_alphas_cumprod, sigma_to_alpha_sigma_t, sigma_to_t, unipc_timesteps,
+                               convert_model_output, config_or, sigma_spacing)
 
 # %% auto #0
-__all__ = ['unipc_system', 'uni_bh_update', 'unipc_schedule', 'UniPCMultistepScheduler']
+__all__ = ['unipc_system', 'uni_bh_update', 'flow_alpha_sigma_t', 'flow_sigmas', 'unipc_schedule', 'UniPCMultistepScheduler']
 
 # %% ../nbs/11_unipc.ipynb #6fb93cdd
 def unipc_system(hh, rks, order, solver_type='bh2'):
@@ -35,13 +35,14 @@ def uni_bh_update(x, # (B, ...) sample at s0 (the start of the step)
                   sigma_s0, sigma_t, # EDM sigmas at the start and the end of the step
                   past, # [(sigma_si, m_i)] earlier points, newest first (order - 1 of them)
                   order, solver_type='bh2', predict_x0=True,
-                  model_t=None): # converted model output at t: given -> UniC corrector, None -> UniP predictor
+                  model_t=None, # converted model output at t: given -> UniC corrector, None -> UniP predictor
+                  alpha_sigma=sigma_to_alpha_sigma_t): # sigma -> (alpha_t, sigma_t)
     "One UniP (predictor) or UniC (corrector) step from `s0` to `t`."
-    alpha_t, sig_t = sigma_to_alpha_sigma_t(sigma_t)
-    alpha_s0, sig_s0 = sigma_to_alpha_sigma_t(sigma_s0)
-    lambda_s0 = torch.log(alpha_s0) - torch.log(sig_s0)
+    def lam(s): a, q = alpha_sigma(s); return torch.log(a) - torch.log(q)
+    (alpha_t, sig_t), (alpha_s0, sig_s0) = alpha_sigma(sigma_t), alpha_sigma(sigma_s0)
+    lambda_s0 = lam(sigma_s0)
     h = torch.log(alpha_t) - torch.log(sig_t) - lambda_s0
-    rks = [(sigma_to_lambda(s_i) - lambda_s0) / h for s_i, _ in past]
+    rks = [(lam(s_i) - lambda_s0) / h for s_i, _ in past]
     D1s = [(m_i - m0) / rk for rk, (_, m_i) in zip(rks, past)]
     hh = -h if predict_x0 else h
     R, b, h_phi_1, B_h = unipc_system(hh, torch.stack(rks + [torch.ones((), device=x.device)]), order, solver_type)
@@ -57,35 +58,52 @@ def uni_bh_update(x, # (B, ...) sample at s0 (the start of the step)
     return x_t.to(x.dtype)
 
 # %% ../nbs/11_unipc.ipynb #95aafad9
-_UNSUPPORTED = dict(use_exponential_sigmas=False, use_beta_sigmas=False, use_flow_sigmas=False,
-                    use_dynamic_shifting=False, solver_p=None, shift_terminal=None)
+_UNSUPPORTED = dict(use_dynamic_shifting=False, solver_p=None, shift_terminal=None)
 
 def _check_unipc_config(cfg):
     for k, default in _UNSUPPORTED.items():
         if cfg[k] != default: raise ValueError(f"{k}={cfg[k]!r} is not supported by minidiff's UniPCMultistepScheduler")
-    check_choice('prediction_type', cfg['prediction_type'], PREDICTION_TYPES)
+    check_choice('prediction_type', cfg['prediction_type'], PREDICTION_TYPES + ('flow_prediction',))
     check_choice('timestep_spacing', cfg['timestep_spacing'], TIMESTEP_SPACINGS)
     check_choice('final_sigmas_type', cfg['final_sigmas_type'], ('zero', 'sigma_min'))
+    sigma_spacing(cfg)  # at most one of karras, exponential, beta
     if not isinstance(cfg['solver_order'], int) or cfg['solver_order'] < 1:
         raise ValueError(f"solver_order must be a positive int, got {cfg['solver_order']!r}")
 
+# %% ../nbs/11_unipc.ipynb #dbe60dc4
+def flow_alpha_sigma_t(sigma): # flow-matching noise level in [0, 1]
+    "The coefficients `(alpha_t, sigma_t) = (1 - sigma, sigma)` of the flow-matching path."
+    return 1 - sigma, sigma
+
+def flow_sigmas(n, num_train_timesteps=1000, shift=1.0, sigmas=None) -> np.ndarray:
+    "`n` flow sigmas from 1 down to `1/T` (or the given `sigmas`), shifted: `shift s / (1 + (shift - 1) s)`."
+    s = np.linspace(1, 1 / num_train_timesteps, n + 1)[:-1] if sigmas is None else np.array(sigmas)
+    s = shift * s / (1 + (shift - 1) * s)
+    if abs(s[0] - 1) < 1e-6: s[0] -= 1e-6  # keeps log(alpha_t) finite at the first step, as diffusers
+    return s
+
 # %% ../nbs/11_unipc.ipynb #ebb08dd0
 def unipc_schedule(alphas_cumprod, # (T,) float32 alpha_bar of the training schedule
-                   num_inference_steps, cfg): # cfg: the scheduler config
+                   num_inference_steps, cfg, # cfg: the scheduler config
+                   sigmas=None): # custom flow sigmas (use_flow_sigmas), then num_inference_steps = len(sigmas)
     "The int64 timesteps and the float32 sigmas (one more: the final sigma) UniPC samples at."
-    T = cfg['num_train_timesteps']
-    check_num_inference_steps(num_inference_steps, T)
-    full = sigmas_from_alphas_cumprod(alphas_cumprod)
-    if cfg['use_karras_sigmas']:
-        smin, smax = config_or(cfg, 'sigma_min', full[0].item()), config_or(cfg, 'sigma_max', full[-1].item())
-        sigmas = karras_sigmas(smin, smax, num_inference_steps)
-        ts = sigma_to_t(sigmas, np.log(full.numpy())).round().astype(np.int64)
+    T, n = cfg['num_train_timesteps'], num_inference_steps if sigmas is None else len(sigmas)
+    check_num_inference_steps(n, T)
+    base = sigmas_from_alphas_cumprod(alphas_cumprod).numpy() if sigmas is None else np.array(sigmas)
+    if (spacing := sigma_spacing(cfg)) is not None:
+        sigmas = spacing(config_or(cfg, 'sigma_min', base[0].item()), config_or(cfg, 'sigma_max', base[-1].item()), n)
+        if cfg.get('use_karras_sigmas') and cfg.get('use_flow_sigmas'): sigmas = sigmas / (sigmas + 1); ts = sigmas * T
+        else: ts = sigma_to_t(sigmas, np.log(base))
+        if cfg.get('use_karras_sigmas') and not cfg.get('use_flow_sigmas'): ts = ts.round()
         last = sigmas[-1]
+    elif cfg.get('use_flow_sigmas'):
+        sigmas = flow_sigmas(n, T, cfg['flow_shift'], sigmas)
+        ts, last = sigmas * T, sigmas[-1]
     else:
-        ts = unipc_timesteps(num_inference_steps, T, cfg['timestep_spacing'], cfg['steps_offset'])
-        sigmas, last = full[torch.from_numpy(ts)].numpy(), full[0].item()
+        ts = unipc_timesteps(n, T, cfg['timestep_spacing'], cfg['steps_offset'])
+        sigmas, last = base[ts], base[0].item()
     last = last if cfg['final_sigmas_type'] == 'sigma_min' else 0.0
-    return torch.from_numpy(ts), torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
+    return torch.from_numpy(ts.astype(np.int64)), torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
 
 # %% ../nbs/11_unipc.ipynb #d9c9cd53
 class UniPCMultistepScheduler(StepIndexMixin, SchedulerMixin):
@@ -115,14 +133,18 @@ class UniPCMultistepScheduler(StepIndexMixin, SchedulerMixin):
         self.model_outputs, self.lower_order_nums, self.last_sample = [None] * solver_order, 0, None
         self._step_index = self._begin_index = None
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        "Use `num_inference_steps` timesteps from now on; resets the solver's history."
-        ts, self.sigmas = unipc_schedule(self.alphas_cumprod, num_inference_steps, self.config)
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None):
+        "Use `num_inference_steps` timesteps (or custom flow `sigmas`) from now on; resets the solver's history."
+        if sigmas is not None and not self.config.use_flow_sigmas:
+            raise ValueError("set_timesteps(sigmas=...) needs use_flow_sigmas=True")
+        ts, self.sigmas = unipc_schedule(self.alphas_cumprod, num_inference_steps, self.config, sigmas)
         self.timesteps, self.num_inference_steps = ts.to(device), len(ts)
         self.model_outputs, self.lower_order_nums, self.last_sample = [None] * self.config.solver_order, 0, None
         self._step_index = self._begin_index = None
 
     def scale_model_input(self, sample, *args, **kwargs): return sample
+    def _alpha_sigma(self, sigma):
+        return (flow_alpha_sigma_t if self.config.use_flow_sigmas else sigma_to_alpha_sigma_t)(sigma)
     def __len__(self): return self.config.num_train_timesteps
 
 # %% ../nbs/11_unipc.ipynb #f5ebd2ae
@@ -134,18 +156,20 @@ def step(self: UniPCMultistepScheduler, model_output, timestep, sample, return_d
     i, cfg, sig = self._step_index, self.config, self.sigmas.to(sample.device)
     if i >= len(self.timesteps):
         raise ValueError(f"all {len(self.timesteps)} steps are done: call set_timesteps to sample again")
-    m_t = convert_model_output(model_output, sample, self.sigmas[i], cfg.prediction_type, self.predict_x0)
+    m_t = convert_model_output(model_output, sample, self.sigmas[i], cfg.prediction_type, self.predict_x0,
+                               self._alpha_sigma)
     if self.predict_x0 and cfg.thresholding:
         m_t = threshold_sample(m_t, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
     if i > 0 and i - 1 not in self.disable_corrector and self.last_sample is not None:
         past = [(sig[i - 1 - k], self.model_outputs[-(k + 1)]) for k in range(1, self.this_order)]
         sample = uni_bh_update(self.last_sample, self.model_outputs[-1], sig[i - 1], sig[i], past, self.this_order,
-                               cfg.solver_type, self.predict_x0, model_t=m_t)
+                               cfg.solver_type, self.predict_x0, m_t, self._alpha_sigma)
     self.model_outputs = self.model_outputs[1:] + [m_t]
     order = min(cfg.solver_order, len(self.timesteps) - i) if cfg.lower_order_final else cfg.solver_order
     self.this_order, self.last_sample = min(order, self.lower_order_nums + 1), sample
     past = [(sig[i - k], self.model_outputs[-(k + 1)]) for k in range(1, self.this_order)]
-    prev = uni_bh_update(sample, m_t, sig[i], sig[i + 1], past, self.this_order, cfg.solver_type, self.predict_x0)
+    prev = uni_bh_update(sample, m_t, sig[i], sig[i + 1], past, self.this_order, cfg.solver_type, self.predict_x0,
+                         alpha_sigma=self._alpha_sigma)
     self.lower_order_nums, self._step_index = min(self.lower_order_nums + 1, cfg.solver_order), i + 1
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
@@ -155,5 +179,5 @@ def add_noise(self: UniPCMultistepScheduler, original_samples, # (B, ...) clean 
               noise, # (B, ...)
               timesteps): # (B,) timesteps of the current schedule
     "Noise `original_samples` to the levels of `timesteps` of the current schedule: `alpha_t x0 + sigma_t eps`."
-    alpha_t, sigma_t = sigma_to_alpha_sigma_t(self._sigmas_for(timesteps, original_samples))
+    alpha_t, sigma_t = self._alpha_sigma(self._sigmas_for(timesteps, original_samples))
     return alpha_t * original_samples + sigma_t * noise

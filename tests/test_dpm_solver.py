@@ -4,7 +4,7 @@ from pathlib import Path
 import warnings
 import pytest, torch
 import diffusers
-from minidiff.dpm_solver import DPMSolverMultistepScheduler
+from minidiff.dpm_solver import DPMSolverMultistepScheduler, alpha_sigma_lambda
 from minidiff.schedule import toy_model_fn
 
 from refconfigs import SD, CAT, assert_close_finite
@@ -43,19 +43,20 @@ def check_loop(ours, ref, n, shape=(2, 4, 8, 8), **kw):
                                      (dict(timestep_spacing='even'), "timestep_spacing 'even'"),
                                      (dict(prediction_type='flow_prediction'), "prediction_type 'flow_prediction'"),
                                      (dict(algorithm_type='dpmsolver3'), "algorithm_type 'dpmsolver3'"),
-                                     (dict(algorithm_type='sde-dpmsolver++'), "'sde-dpmsolver\\+\\+' \\(SDE solver\\) is not implemented"),
+                                     (dict(algorithm_type='sde-dpmsolver', final_sigmas_type='sigma_min', solver_order=3), 'solver_order 3'),
+                                     (dict(algorithm_type='sde-dpmsolver'), "final_sigmas_type 'zero' is not supported"),
                                      (dict(solver_type='rk4'), "solver_type 'rk4'"), (dict(solver_order=4), 'solver_order 4'),
                                      (dict(final_sigmas_type='one'), "final_sigmas_type 'one'"),
                                      (dict(algorithm_type='dpmsolver'), "final_sigmas_type 'zero' is not supported for algorithm_type 'dpmsolver'"),
-                                     (dict(use_lu_lambdas=True), 'use_lu_lambdas'), (dict(use_flow_sigmas=True), 'use_flow_sigmas'),
-                                     (dict(use_exponential_sigmas=True), 'use_exponential_sigmas')])
+                                     (dict(use_flow_sigmas=True), 'use_flow_sigmas'),
+                                     (dict(use_exponential_sigmas=True, use_karras_sigmas=True), 'only one of')])
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg): DPMSolverMultistepScheduler(**kw)
 
 def test_step_errors():
     s = DPMSolverMultistepScheduler.from_config(SD)
     with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), 999, torch.zeros(1))
-    for n in [0, 1001, 2.5, None]:
+    for n in [0, 1001, 2.5]:
         err, msg = (ValueError, f'num_inference_steps={n} must be between') if type(n) is int else (TypeError, f'must be an int, got {n!r}')
         with pytest.raises(err, match=msg): s.set_timesteps(n)
     assert s.num_inference_steps is None
@@ -159,3 +160,82 @@ def test_bad_input_messages():
     s = DPMSolverMultistepScheduler()
     with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), 999, torch.zeros(1))
     with pytest.raises(ValueError, match='num_inference_steps=1001'): s.set_timesteps(1001)
+
+
+# --- Lu lambdas, exponential/beta sigmas, SDE variants, custom timesteps (issue 15) ---------------------------------
+
+def run_seeded(s, n, x, seed=0, variance_noise=False, **schedule):
+    "A full loop with one seeded generator (or explicit `variance_noise` drawn from it), as the SDE variants need."
+    g = torch.Generator().manual_seed(seed)
+    s.set_timesteps(n, **schedule)
+    x, outs = x * s.init_noise_sigma, []
+    for t in s.timesteps:
+        kw = dict(variance_noise=torch.randn(x.shape, generator=g)) if variance_noise else dict(generator=g)
+        x = s.step(toy_model_fn(s.scale_model_input(x, t), t), t, x, **kw).prev_sample
+        outs.append(x)
+    return outs
+
+def check_exact(ours, ref, n, **kw):
+    "Timesteps, sigmas and every sample of the loop bit for bit equal to diffusers' (and finite)."
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    a, b = run_seeded(ours, n, x, **kw), run_seeded(ref, n, x, **kw)
+    assert torch.equal(ours.timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
+    for p, q in zip(a, b): assert_close_finite(p, q, rtol=0, atol=0)
+
+SIGMA_OPTIONS = [dict(use_lu_lambdas=True), dict(use_lu_lambdas=True, prediction_type='v_prediction'),
+                 dict(use_lu_lambdas=True, beta_schedule='squaredcos_cap_v2'), dict(use_exponential_sigmas=True),
+                 dict(use_beta_sigmas=True), dict(use_beta_sigmas=True, solver_order=3),
+                 dict(use_exponential_sigmas=True, final_sigmas_type='sigma_min', lower_order_final=False)]
+
+@pytest.mark.parametrize('kw', SIGMA_OPTIONS)
+@pytest.mark.parametrize('cfg', [SD, CAT])
+def test_sigma_options_exact(kw, cfg):
+    for n in [1, 2, 5, 10, 25]: check_exact(*pair(cfg, **kw), n)
+
+@pytest.mark.parametrize('algorithm_type, final', [('sde-dpmsolver++', 'zero'), ('sde-dpmsolver++', 'sigma_min'),
+                                                   ('sde-dpmsolver', 'sigma_min')])
+@pytest.mark.parametrize('order', [1, 2, 3])
+@pytest.mark.parametrize('solver_type', ['midpoint', 'heun'])
+@pytest.mark.parametrize('pred', ['epsilon', 'v_prediction', 'sample'])
+def test_sde_variants_exact(algorithm_type, final, order, solver_type, pred):
+    if algorithm_type == 'sde-dpmsolver' and order == 3:
+        with pytest.raises(ValueError, match='solver_order 3'): DPMSolverMultistepScheduler(algorithm_type=algorithm_type, final_sigmas_type=final, solver_order=3)
+        return
+    kw = dict(algorithm_type=algorithm_type, final_sigmas_type=final, solver_order=order, solver_type=solver_type, prediction_type=pred)
+    for n in [1, 3, 10, 20]: check_exact(*pair(SD, **kw), n)
+
+def test_sde_variance_noise_and_karras():
+    check_exact(*pair(SD, algorithm_type='sde-dpmsolver++'), 10, variance_noise=True)
+    check_exact(*pair(CAT, algorithm_type='sde-dpmsolver++', use_karras_sigmas=True), 15)
+
+def test_sde_first_order_is_ddpm_ancestral():
+    "First-order SDE-DPM-Solver++ = DDPM's ancestral step: the same mean, and the posterior std on the noise."
+    s = DPMSolverMultistepScheduler.from_config(SD, algorithm_type='sde-dpmsolver++', solver_order=1)
+    s.set_timesteps(10)
+    x, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = s.timesteps[3]; s.set_begin_index(3)
+    z = torch.randn(1, 4, 8, 8)
+    got = s.step(eps, t, x, variance_noise=z).prev_sample
+    (a_t, q_t, _), (a_s, q_s, _) = alpha_sigma_lambda(s.sigmas[4]), alpha_sigma_lambda(s.sigmas[3])
+    x0 = (x - q_s * eps) / a_s
+    ratio = (a_s * q_t / (q_s * a_t)) ** 2
+    want = (a_s / a_t) * q_t**2 / q_s**2 * x + a_t * (1 - ratio) * x0 + q_t * (1 - ratio) ** 0.5 * z
+    assert_close_finite(got, want, rtol=1e-5, atol=1e-5)
+
+@pytest.mark.parametrize('kw', [dict(), dict(algorithm_type='sde-dpmsolver++'), dict(prediction_type='v_prediction'),
+                                dict(final_sigmas_type='sigma_min')])
+def test_custom_timesteps_exact(kw):
+    plain = DPMSolverMultistepScheduler.from_config(SD, **kw); plain.set_timesteps(10)
+    check_exact(*pair(SD, **kw), None, timesteps=plain.timesteps.tolist())
+    a = DPMSolverMultistepScheduler.from_config(SD, **kw); a.set_timesteps(timesteps=[999, 500, 20])
+    assert a.num_inference_steps == 3 and a.timesteps.dtype == torch.int64
+
+@pytest.mark.parametrize('args, kw, msg', [
+    (dict(), {}, 'pass exactly one of num_inference_steps, timesteps'),
+    (dict(num_inference_steps=10, timesteps=[999, 0]), {}, 'pass exactly one'),
+    (dict(timesteps=[999, 0]), dict(use_karras_sigmas=True), 'use_karras_sigmas=True'),
+    (dict(timesteps=[999, 0]), dict(use_lu_lambdas=True), 'use_lu_lambdas=True'),
+    (dict(timesteps=[999, 0]), dict(use_exponential_sigmas=True), 'use_exponential_sigmas=True')])
+def test_custom_timesteps_errors(args, kw, msg):
+    with pytest.raises(ValueError, match=msg): DPMSolverMultistepScheduler(**kw).set_timesteps(**args)
+    with pytest.raises(ValueError): diffusers.DPMSolverMultistepScheduler(**kw).set_timesteps(**args)

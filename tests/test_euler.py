@@ -48,8 +48,8 @@ def test_bad_config(cls, kw, msg):
 @pytest.mark.parametrize('kw, msg', [(dict(interpolation_type='cubic'), "interpolation_type 'cubic'"),
                                      (dict(final_sigmas_type='one'), "final_sigmas_type 'one'"),
                                      (dict(timestep_type='ode'), "timestep_type 'ode'"),
-                                     (dict(use_exponential_sigmas=True), 'use_exponential_sigmas'),
-                                     (dict(use_beta_sigmas=True), 'use_beta_sigmas')])
+                                     (dict(use_exponential_sigmas=True, use_beta_sigmas=True), 'only one of'),
+                                     (dict(use_karras_sigmas=True, use_beta_sigmas=True), 'only one of')])
 def test_bad_euler_config(kw, msg):
     with pytest.raises(ValueError, match=msg): EulerDiscreteScheduler(**kw)
 
@@ -59,9 +59,7 @@ def test_ancestral_refuses_sample_prediction():
 @pytest.mark.parametrize('cls', [EulerDiscreteScheduler, EulerAncestralDiscreteScheduler])
 def test_step_errors(cls):
     s = cls.from_config(SD)
-    with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), torch.tensor(999.), torch.zeros(1))
-    with pytest.raises(ValueError, match='set_timesteps'): s.scale_model_input(torch.zeros(1), torch.tensor(999.))
-    for n in [0, -3, 1001, 2.5, True, None]:
+    for n in [0, -3, 1001, 2.5, True]:
         err, msg = (ValueError, f'num_inference_steps={n} must be between') if type(n) is int else (TypeError, f'must be an int, got {n!r}')
         with pytest.raises(err, match=msg): s.set_timesteps(n)
     assert s.num_inference_steps is None and len(s.timesteps) == 1000  # a failed call leaves the state alone
@@ -153,7 +151,65 @@ def test_bad_input_messages():
                       (lambda: EulerDiscreteScheduler(timestep_spacing='even'), "timestep_spacing 'even'")]:
         with pytest.raises(ValueError, match=msg): make()
     s = EulerDiscreteScheduler()
-    with pytest.raises(ValueError, match='set_timesteps'): s.step(torch.zeros(1), torch.tensor(999.), torch.zeros(1))
     with pytest.raises(ValueError, match='num_inference_steps=0'): s.set_timesteps(0)
     s.set_timesteps(2)
     with pytest.raises(ValueError, match='integer timestep 0'): s.step(torch.zeros(1), 0, torch.zeros(1))
+
+
+# --- sigma spacings and custom schedules (issue 15) ----------------------------------------------------------------
+
+@pytest.mark.parametrize('kw', [dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True),
+                                dict(use_exponential_sigmas=True, sigma_min=0.1, sigma_max=10.0),
+                                dict(use_beta_sigmas=True, final_sigmas_type='sigma_min', prediction_type='v_prediction'),
+                                dict(use_exponential_sigmas=True, interpolation_type='log_linear')])
+@pytest.mark.parametrize('cfg', [SD, CAT])
+def test_exponential_and_beta_sigmas_parity(kw, cfg):
+    for n in [1, 2, 5, 25]:
+        assert check_loop(EulerDiscreteScheduler.from_config(cfg, **kw), diffusers.EulerDiscreteScheduler.from_config(cfg, **kw), n) == 0.0
+
+def run_custom(s, x, **schedule):
+    s.set_timesteps(**schedule)
+    x, outs = x * s.init_noise_sigma, []
+    for t in s.timesteps:
+        x = s.step(toy_model_fn(s.scale_model_input(x, t), t), t, x).prev_sample
+        outs.append(x)
+    return outs
+
+@pytest.mark.parametrize('kw', [dict(), dict(prediction_type='v_prediction'), dict(interpolation_type='log_linear'),
+                                dict(final_sigmas_type='sigma_min'), dict(timestep_spacing='trailing')])
+@pytest.mark.parametrize('custom', ['timesteps', 'sigmas'])
+def test_custom_schedule_parity(kw, custom):
+    "set_timesteps(timesteps=...) / (sigmas=...) equal diffusers' bit for bit, and (timesteps) the plain 10-step loop."
+    plain = EulerDiscreteScheduler.from_config(SD, **kw); plain.set_timesteps(10)
+    schedule = {'num_inference_steps': None, custom: getattr(plain, custom).tolist()}
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    a, b = EulerDiscreteScheduler.from_config(SD, **kw), diffusers.EulerDiscreteScheduler.from_config(SD, **kw)
+    xa, xb = run_custom(a, x, **schedule), run_custom(b, x, **schedule)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas)
+    assert a.num_inference_steps == b.num_inference_steps  # log_linear: diffusers makes 11 sigmas (+ final) for 10 steps
+    for p, q in zip(xa, xb): assert_close_finite(p, q, rtol=0, atol=0)
+    if custom == 'timesteps': assert torch.equal(a.sigmas, plain.sigmas)
+
+@pytest.mark.parametrize('args, kw, msg', [
+    (dict(num_inference_steps=None), {}, 'pass exactly one of num_inference_steps, timesteps, sigmas'),
+    (dict(num_inference_steps=10, timesteps=[999.0, 0.0]), {}, 'pass exactly one'),
+    (dict(num_inference_steps=None, timesteps=[999.0], sigmas=[1.0, 0.0]), {}, 'pass exactly one'),
+    (dict(num_inference_steps=None, timesteps=[999.0, 0.0]), dict(use_karras_sigmas=True), 'use_karras_sigmas=True'),
+    (dict(num_inference_steps=None, timesteps=[999.0, 0.0]), dict(use_beta_sigmas=True), 'use_beta_sigmas=True'),
+    (dict(num_inference_steps=None, timesteps=[999.0, 0.0]), dict(timestep_type='continuous', prediction_type='v_prediction'),
+     "timestep_type='continuous'")])
+def test_custom_schedule_errors(args, kw, msg):
+    with pytest.raises(ValueError, match=msg): EulerDiscreteScheduler(**kw).set_timesteps(**args)
+    with pytest.raises(ValueError): diffusers.EulerDiscreteScheduler(**kw).set_timesteps(**args)  # diffusers refuses too
+
+@pytest.mark.parametrize('ours, ref', PAIRS)
+def test_fresh_scheduler_steps_on_the_training_schedule(ours, ref):
+    "As in diffusers, a scheduler steps before set_timesteps, on its 1000 training steps."
+    a, b = ours.from_config(SD), ref.from_config(SD)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for s in (a, b): assert s.num_inference_steps is None
+    t = a.timesteps[-1]
+    outs = [s.step(toy_model_fn(s.scale_model_input(x, t), t), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+            for s in (a, b)]
+    assert_close_finite(outs[0], outs[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match='all 1000 steps are done'): a.step(x, t, x)

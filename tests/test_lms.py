@@ -3,7 +3,8 @@ import functools, math, warnings
 import numpy as np
 import pytest, torch
 import diffusers.schedulers.scheduling_lms_discrete as lms_ref
-from minidiff.lms import LMSDiscreteScheduler, beta_ppf, gauss_legendre, lms_coefficient
+from minidiff.lms import LMSDiscreteScheduler, gauss_legendre, lms_coefficient
+from minidiff.schedule import beta_ppf
 from minidiff.schedule import scheduler_loop, toy_model_fn
 
 from refconfigs import SD, CAT, assert_close_finite

@@ -116,13 +116,12 @@ def test_from_dpm_solver_config_maps_solver_type():
 @pytest.mark.parametrize('kw,msg', [
     (dict(beta_schedule='cosine'), "unknown beta_schedule 'cosine'"),
     (dict(timestep_spacing='even'), "unknown timestep_spacing 'even'"),
-    (dict(prediction_type='flow_prediction'), "unknown prediction_type 'flow_prediction'"),
+    (dict(prediction_type='flow'), "unknown prediction_type 'flow'"),
     (dict(solver_type='bh3'), "unknown solver_type 'bh3'"),
     (dict(final_sigmas_type='one'), "unknown final_sigmas_type 'one'"),
     (dict(solver_order=0), "solver_order must be a positive int, got 0"),
-    (dict(use_flow_sigmas=True), "use_flow_sigmas=True is not supported"),
-    (dict(use_exponential_sigmas=True), "use_exponential_sigmas=True is not supported"),
-    (dict(use_beta_sigmas=True), "use_beta_sigmas=True is not supported"),
+    (dict(use_exponential_sigmas=True, use_beta_sigmas=True), "only one of"),
+    (dict(shift_terminal=0.1, use_flow_sigmas=True), "shift_terminal=0.1 is not supported"),
     (dict(use_dynamic_shifting=True), "use_dynamic_shifting=True is not supported")])
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError, match=msg): UniPCMultistepScheduler.from_config(SD, **kw)
@@ -180,3 +179,46 @@ def test_threshold_in_x0_space():
     from minidiff.schedule import threshold_sample
     x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     assert threshold_sample(x0 * 5, 0.995, 1.0).abs().max().item() == pytest.approx(1.0)
+
+
+# --- exponential, beta and flow sigmas; custom flow sigmas (issue 15) ------------------------------------------------
+
+NEW_OPTIONS = [dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True),
+               dict(use_exponential_sigmas=True, sigma_min=0.05, sigma_max=12.0, final_sigmas_type='sigma_min'),
+               dict(use_beta_sigmas=True, solver_order=3, prediction_type='v_prediction'),
+               dict(use_flow_sigmas=True), dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type='flow_prediction'),
+               dict(use_flow_sigmas=True, use_karras_sigmas=True), dict(use_flow_sigmas=True, final_sigmas_type='sigma_min'),
+               dict(use_flow_sigmas=True, use_karras_sigmas=True, sigma_min=0.01, sigma_max=200.0, solver_order=3)]
+
+@pytest.mark.parametrize('kw', NEW_OPTIONS)
+@pytest.mark.parametrize('config', [SD, CAT])
+def test_new_sigma_options_exact(kw, config):
+    for n in [1, 2, 5, 10, 25]:
+        ts, xs, ts_ref, xs_ref = loop_pair(config, n, **kw)
+        assert torch.equal(ts, ts_ref)
+        for x, x_ref in zip(xs, xs_ref): assert_close_finite(x, x_ref, rtol=0, atol=0)
+
+def test_flow_and_karras_sigma_values():
+    "diffusers' own check: sigma_min=0.01, sigma_max=200, 5 steps."
+    s = UniPCMultistepScheduler(sigma_min=0.01, sigma_max=200.0, use_flow_sigmas=True, use_karras_sigmas=True)
+    s.set_timesteps(5)
+    want = torch.tensor([0.9950248599052429, 0.9787454605102539, 0.8774884343147278, 0.3604971766471863,
+                         0.009900986216962337, 0.0])
+    ref = diffusers.UniPCMultistepScheduler(sigma_min=0.01, sigma_max=200.0, use_flow_sigmas=True, use_karras_sigmas=True)
+    ref.set_timesteps(5)
+    assert_close_finite(s.sigmas, ref.sigmas, rtol=0, atol=0); assert torch.equal(s.timesteps, ref.timesteps)
+    assert_close_finite(s.sigmas, want, rtol=1e-6, atol=1e-7)  # the values as diffusers' test prints them
+
+def test_custom_flow_sigmas_exact():
+    import numpy as np
+    sig = np.linspace(1.0, 0.05, 8)
+    a = UniPCMultistepScheduler.from_config(SD, use_flow_sigmas=True, flow_shift=2.0)
+    b = diffusers.UniPCMultistepScheduler.from_config(SD, use_flow_sigmas=True, flow_shift=2.0)
+    for s in (a, b): s.set_timesteps(sigmas=sig.copy())
+    assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas) and a.num_inference_steps == 8
+    assert sig[0] == 1.0  # the caller's array is not changed
+    with pytest.raises(ValueError, match='use_flow_sigmas=True'): UniPCMultistepScheduler().set_timesteps(sigmas=[0.5, 0.1])
+    with pytest.raises(ValueError, match='only one of'): UniPCMultistepScheduler(use_karras_sigmas=True, use_beta_sigmas=True)
+    with pytest.raises(ValueError, match='flow_prediction needs predict_x0=True'):
+        s = UniPCMultistepScheduler(prediction_type='flow_prediction', predict_x0=False, use_flow_sigmas=True)
+        s.set_timesteps(2); s.step(torch.zeros(1, 1, 2, 2), s.timesteps[0], torch.zeros(1, 1, 2, 2))
