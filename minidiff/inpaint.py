@@ -20,11 +20,12 @@ __all__ = ['preprocess_mask', 'check_inpaint_inputs', 'StableDiffusionInpaintPip
 
 # %% ../nbs/41_inpaint.ipynb #35e9ac74
 def _mask_items(mask) -> list:
-    "Each mask as something `to_batch` reads: arrays (B, H, W, 1), float tensors (B, 1, H, W), PIL images as they are."
+    "Each mask as `to_batch` reads it: arrays (B, H, W, 1), float tensors (B, 1, H, W); RGB arrays and PIL as given."
     out = []
     for m in (list(mask) if isinstance(mask, (list, tuple)) else [mask]):
         if isinstance(m, np.ndarray) and m.ndim == 2: m = m[None, ..., None]
-        elif isinstance(m, np.ndarray) and m.ndim == 3: m = m[None] if m.shape[-1] == 1 else m[..., None]
+        elif isinstance(m, np.ndarray) and m.ndim == 3 and m.shape[-1] not in (3, 4):   # (H, W, 1) or (B, H, W)
+            m = m[None] if m.shape[-1] == 1 else m[..., None]
         elif torch.is_tensor(m): m = (m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m).float()
         out.append(m)
     return out
