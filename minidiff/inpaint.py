@@ -5,7 +5,6 @@
 # %% ../nbs/41_inpaint.ipynb #08f7a073
 from __future__ import annotations
 import json
-from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
