@@ -12,8 +12,8 @@ from .core import patch, randn_tensor
 from .sd_pipeline import StableDiffusionPipeline, _step_kwargs
 
 # %% auto #0
-__all__ = ['IMAGE_TYPES', 'to_batch', 'preprocess_image', 'check_strength', 'get_timesteps', 'encode_image', 'repeat_batch',
-           'StableDiffusionImg2ImgPipeline']
+__all__ = ['IMAGE_TYPES', 'to_batch', 'preprocess_image', 'check_strength', 'get_timesteps', 'encode_image', 'check_batch',
+           'repeat_batch', 'StableDiffusionImg2ImgPipeline']
 
 # %% ../nbs/40_img2img.ipynb #ecb7edb2
 IMAGE_TYPES = ("a PIL image, a float array (H, W, C) or (B, H, W, C) in [0, 1], a tensor (C, H, W) or (B, C, H, W) "
@@ -80,12 +80,14 @@ def encode_image(vae, image, generator=None):
     else: lat = vae.encode(image).latent_dist.sample(generator)
     return vae.config.scaling_factor * lat
 
+def check_batch(b:int, n:int, name='image'):
+    "A batch of b pictures (or masks) can make n images if b divides n."
+    if b > n or n % b: raise ValueError(f"got {b} {name}s for {n} images to make: pass one {name}, or one per image")
+
 def repeat_batch(x, n:int, name='image'):
-    "`x` (b, ...) tiled to n items (b must divide n), as diffusers repeats a smaller batch of pictures."
-    if x.shape[0] == n: return x
-    if x.shape[0] > n or n % x.shape[0]:
-        raise ValueError(f"got {x.shape[0]} {name}s for {n} images to make: pass one {name}, or one per image")
-    return torch.cat([x] * (n // x.shape[0]))
+    "`x` (b, ...) tiled to n items (b must divide n), as diffusers' image-to-image repeats a smaller batch."
+    check_batch(x.shape[0], n, name)
+    return x if x.shape[0] == n else torch.cat([x] * (n // x.shape[0]))
 
 # %% ../nbs/40_img2img.ipynb #dd926b31
 class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
@@ -115,7 +117,7 @@ def __call__(self: StableDiffusionImg2ImgPipeline, prompt=None, image=None, stre
                                 num_inference_steps, output_type, generator, callback_on_step_end,
                                 callback_on_step_end_tensor_inputs)
     check_strength(strength, num_inference_steps)
-    repeat_batch(image, n)                                     # a batch mismatch fails before any work
+    check_batch(image.shape[0], n)
     with self._calling(guidance_scale, guidance_rescale, cross_attention_kwargs):
         emb, neg = self._embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)

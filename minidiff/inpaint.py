@@ -12,10 +12,10 @@ from .core import patch, randn_tensor, DIFFUSERS_VERSION
 from .unet_condition import UNet2DConditionModel
 from .tiny_sd import TINY_SD, save_tiny_sd
 from .sd_pipeline import StableDiffusionPipeline, CALLBACK_TENSOR_INPUTS, _step_kwargs
-from .img2img import to_batch, preprocess_image, check_strength, get_timesteps, encode_image, repeat_batch
+from .img2img import to_batch, preprocess_image, check_strength, get_timesteps, encode_image, check_batch
 
 # %% auto #0
-__all__ = ['preprocess_mask', 'check_inpaint_inputs', 'StableDiffusionInpaintPipeline', 'save_tiny_inpaint_sd']
+__all__ = ['preprocess_mask', 'check_inpaint_inputs', 'StableDiffusionInpaintPipeline', 'tile', 'save_tiny_inpaint_sd']
 
 # %% ../nbs/41_inpaint.ipynb #35e9ac74
 def _mask_items(mask) -> list:
@@ -33,7 +33,7 @@ def preprocess_mask(mask_image, factor=8, height=None, width=None):
     "The mask as diffusers prepares it: (B, 1, H, W) of 0 (keep) and 1 (repaint), H and W multiples of `factor`."
     m = to_batch(_mask_items(mask_image), factor, height, width, mode='L', name='mask_image')
     if m.shape[1] != 1: raise ValueError(f"mask_image must be grayscale (one channel), got shape {tuple(m.shape)}")
-    return (m >= 0.5).to(m.dtype)
+    return (m >= 0.5).to(m.dtype).clone(memory_format=torch.contiguous_format)   # diffusers' strides: same convs
 
 # %% ../nbs/41_inpaint.ipynb #580116b9
 def check_inpaint_inputs(image, mask_image, in_channels:int):
@@ -61,13 +61,18 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         return (1 - mask) * known + mask * latents
 
 # %% ../nbs/41_inpaint.ipynb #bfe9c843
+def tile(x, n:int, name='image', always=False):
+    "`x` repeated to n items with `.repeat` (`always`, or only for a smaller batch), as diffusers' inpainting does."
+    check_batch(x.shape[0], n, name)
+    return x.repeat(n // x.shape[0], 1, 1, 1) if always or x.shape[0] < n else x
+
 @patch
 def prepare_latents(self: StableDiffusionInpaintPipeline, image, timestep, shape, dtype, generator=None, latents=None,
                     strength_max=True):
     "(starting latents, noise, picture latents or None), each (n, 4, h, w)."
     n, image_latents = shape[0], None
     if self.unet.config.in_channels == 4 or (latents is None and not strength_max):
-        image_latents = repeat_batch(encode_image(self.vae, image.to(device=self.device, dtype=dtype), generator), n)
+        image_latents = tile(encode_image(self.vae, image.to(device=self.device, dtype=dtype), generator), n, always=True)
     if latents is not None: return latents.to(self.device) * self.scheduler.init_noise_sigma, latents.to(self.device), image_latents
     noise = randn_tensor(shape, generator, device=self.device, dtype=dtype)
     if strength_max: return noise * self.scheduler.init_noise_sigma, noise, image_latents
@@ -77,8 +82,8 @@ def prepare_latents(self: StableDiffusionInpaintPipeline, image, timestep, shape
 def prepare_mask_latents(self: StableDiffusionInpaintPipeline, mask, masked_image, n, dtype, generator=None):
     "The mask at latent size and the masked picture's latents, repeated to n images (and doubled when guided)."
     h, w = mask.shape[-2] // self.vae_scale_factor, mask.shape[-1] // self.vae_scale_factor
-    mask = repeat_batch(F.interpolate(mask, size=(h, w)).to(device=self.device, dtype=dtype), n, 'mask_image')
-    masked = repeat_batch(encode_image(self.vae, masked_image.to(device=self.device, dtype=dtype), generator), n)
+    mask = tile(F.interpolate(mask, size=(h, w)).to(device=self.device, dtype=dtype), n, 'mask_image')
+    masked = tile(encode_image(self.vae, masked_image.to(device=self.device, dtype=dtype), generator), n)
     k = 2 if self.do_classifier_free_guidance else 1
     return torch.cat([mask] * k), torch.cat([masked] * k)                                   # (kn, 1 | 4, h, w)
 
@@ -100,7 +105,7 @@ def __call__(self: StableDiffusionInpaintPipeline, prompt=None, image=None, mask
     check_inpaint_inputs(image, mask_image, self.unet.config.in_channels)
     init, mask = preprocess_image(image, f, height, width).float(), preprocess_mask(mask_image, f, height, width)
     if init.shape[1] != 3: raise ValueError(f"image must be a picture (3 channels), got shape {tuple(init.shape)}")
-    repeat_batch(init, n); repeat_batch(mask, n, 'mask_image')                  # batch mismatches fail before any work
+    check_batch(init.shape[0], n); check_batch(mask.shape[0], n, 'mask_image')   # before any work
     shape = (n, self.vae.config.latent_channels, height // f, width // f)
     if latents is not None and tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
