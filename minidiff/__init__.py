@@ -12,7 +12,8 @@ __all__ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError',
            'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel', 'classifier_free_guidance', 'AutoencoderKL',
            'DiagonalGaussianDistribution', 'StableDiffusionPipeline', 'StableDiffusionPipelineOutput', 'save_tiny_sd',
            'swap_scheduler', 'compare_schedulers', 'SD15_CONFIG', 'LoRALayer', 'DDIMPipeline',
-           'enable_full_determinism', 'disable_full_determinism']
+           'enable_full_determinism', 'disable_full_determinism', 'StableDiffusionImg2ImgPipeline',
+           'StableDiffusionInpaintPipeline', 'save_tiny_inpaint_sd']
 
 # %% ../nbs/99_init.ipynb #011f22dc
 from .core import (BaseOutput, FrozenDict, ConfigMixin, CheckpointNotFoundError, randn_tensor, image_grid,
@@ -38,6 +39,8 @@ from .vae import AutoencoderKL, DiagonalGaussianDistribution
 from .tiny_sd import save_tiny_sd
 from .sd_pipeline import StableDiffusionPipeline, StableDiffusionPipelineOutput
 from .scheduler_gallery import swap_scheduler, compare_schedulers
+from .img2img import StableDiffusionImg2ImgPipeline
+from .inpaint import StableDiffusionInpaintPipeline, save_tiny_inpaint_sd
 from .single_file import SD15_CONFIG  # adds from_single_file / save_single_file
 from .lora import LoRALayer  # adds load_lora_weights, fuse_lora, unfuse_lora, unload_lora_weights
 from .reproducibility import enable_full_determinism, disable_full_determinism
@@ -51,4 +54,5 @@ _all_ = ['BaseOutput', 'FrozenDict', 'ConfigMixin', 'CheckpointNotFoundError', '
           'DPMSolverMultistepScheduler', 'prepare_latents', 'vae_scale_factor', 'UNet2DConditionModel',
           'classifier_free_guidance', 'AutoencoderKL', 'DiagonalGaussianDistribution', 'StableDiffusionPipeline',
           'StableDiffusionPipelineOutput', 'save_tiny_sd', 'swap_scheduler', 'compare_schedulers', 'SD15_CONFIG', 'LoRALayer',
-          'DDIMPipeline', 'enable_full_determinism', 'disable_full_determinism']
+          'DDIMPipeline', 'enable_full_determinism', 'disable_full_determinism',
+          'StableDiffusionImg2ImgPipeline', 'StableDiffusionInpaintPipeline', 'save_tiny_inpaint_sd']

@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_sd_pipeline.ipynb #c9079be3
 from __future__ import annotations
-import inspect
+import contextlib, inspect
 from dataclasses import dataclass
 import torch
 from .core import BaseOutput, patch
@@ -13,7 +13,8 @@ from .guidance import classifier_free_guidance
 from .pipeline import DiffusionPipeline, postprocess, check_call_args, OUTPUT_TYPES
 
 # %% auto #0
-__all__ = ['check_sd_inputs', 'encode_prompts', 'StableDiffusionPipelineOutput', 'StableDiffusionPipeline']
+__all__ = ['CALLBACK_TENSOR_INPUTS', 'negative_prompts', 'check_sd_inputs', 'check_embeds', 'check_callback', 'encode_prompts',
+           'StableDiffusionPipelineOutput', 'rescale_noise_cfg', 'StableDiffusionPipeline', 'check_finite']
 
 # %% ../nbs/15_sd_pipeline.ipynb #b820348f
 def _prompt_list(prompt, name='prompt'):
@@ -24,26 +25,59 @@ def _prompt_list(prompt, name='prompt'):
     if not prompts: raise ValueError(f"{name} is an empty list")
     return list(prompts)
 
-def check_sd_inputs(prompts, negative_prompt, height, width, factor, num_images_per_prompt):
-    "Raise a clear error for sizes and prompt/negative-prompt mismatches; return the negative prompts."
+def negative_prompts(negative_prompt, n:int) -> list:
+    "One negative prompt per prompt (`''` by default, a single string repeated), or an error naming the mismatch."
+    if negative_prompt is None: return [""] * n
+    if isinstance(negative_prompt, str): negative_prompt = [negative_prompt] * n
+    negs = _prompt_list(negative_prompt, 'negative_prompt')
+    if len(negs) != n:
+        raise ValueError(f"negative_prompt must be one prompt or one per prompt: got {len(negs)} negative prompts "
+                         f"for {n} prompts")
+    return negs
+
+def check_sd_inputs(n_prompts, negative_prompt, height, width, factor, num_images_per_prompt):
+    "Raise a clear error for sizes (None: not checked here) and prompt/negative-prompt mismatches."
     for name, v in (('height', height), ('width', width)):
-        if not isinstance(v, int) or v <= 0 or v % factor:
+        if v is not None and (not isinstance(v, int) or v <= 0 or v % factor):
             raise ValueError(f"{name} must be a positive multiple of the VAE factor {factor}, got {v!r}")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-    if negative_prompt is None: return [""] * len(prompts)
-    if isinstance(negative_prompt, str): negative_prompt = [negative_prompt] * len(prompts)
-    negs = _prompt_list(negative_prompt, 'negative_prompt')
-    if len(negs) != len(prompts):
-        raise ValueError(f"negative_prompt must be one prompt or one per prompt: got {len(negs)} negative prompts "
-                         f"for {len(prompts)} prompts")
-    return negs
+    negative_prompts(negative_prompt, n_prompts)
+
+# %% ../nbs/15_sd_pipeline.ipynb #5392eea0
+def _shape(e): return tuple(e.shape) if torch.is_tensor(e) else type(e).__name__
+
+def check_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
+    "diffusers' rules for text or embeddings; return the number of prompts."
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("pass exactly one of prompt and prompt_embeds, got " + ("neither" if prompt is None else "both"))
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds, got both")
+    for name, e in (('prompt_embeds', prompt_embeds), ('negative_prompt_embeds', negative_prompt_embeds)):
+        if e is not None and not (torch.is_tensor(e) and e.ndim == 3):
+            raise ValueError(f"{name} must be a (B, L, D) tensor, got {_shape(e)}")
+    if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+        raise ValueError(f"prompt_embeds and negative_prompt_embeds must have the same shape, got "
+                         f"{_shape(prompt_embeds)} and {_shape(negative_prompt_embeds)}")
+    return len(_prompt_list(prompt)) if prompt_embeds is None else prompt_embeds.shape[0]
+
+# %% ../nbs/15_sd_pipeline.ipynb #2b8f364e
+CALLBACK_TENSOR_INPUTS = ['latents', 'prompt_embeds', 'negative_prompt_embeds', 'noise_pred']
+
+def check_callback(callback, tensor_inputs, allowed) -> list:
+    "The tensor names the step-end callback asks for, checked against `allowed`."
+    if callback is None: return []
+    if not callable(callback): raise TypeError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+    names = list(getattr(callback, 'tensor_inputs', tensor_inputs))
+    bad = [k for k in names if k not in allowed]
+    if bad: raise ValueError(f"callback_on_step_end_tensor_inputs must be among {allowed}, got {bad}")
+    return names
 
 # %% ../nbs/15_sd_pipeline.ipynb #b78e1fb0
-def encode_prompts(tokenizer, text_encoder, prompts, num_images_per_prompt=1, device=None):
-    "CLIP embeddings (B * num_images_per_prompt, 77, D) of a list of prompts."
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
+def encode_prompts(tokenizer, text_encoder, prompts, num_images_per_prompt=1, device=None, max_length=None):
+    "CLIP embeddings (B * num_images_per_prompt, L, D) of a list of prompts (L: `max_length`, 77 by default)."
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
     mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, 'use_attention_mask', False) else None
     emb = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]            # (B, L, D)
     return emb.to(dtype=text_encoder.dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
@@ -59,50 +93,152 @@ def _step_kwargs(scheduler, generator, eta):
     ps = inspect.signature(scheduler.step).parameters
     return {**({'eta': eta} if 'eta' in ps else {}), **({'generator': generator} if 'generator' in ps else {})}
 
+# %% ../nbs/15_sd_pipeline.ipynb #542bd6fb
+def rescale_noise_cfg(noise_cfg, # (B, C, h, w) guided noise prediction
+                      noise_pred_text, # (B, C, h, w) the text-conditioned prediction
+                      guidance_rescale:float=0.0): # phi: 0 = plain guidance, 1 = fully rescaled
+    "Lin et al. 2023, section 3.4: match the text prediction's std, then mix by `guidance_rescale`."
+    dims = list(range(1, noise_pred_text.ndim))
+    std_text = noise_pred_text.std(dim=dims, keepdim=True)                                    # (B, 1, 1, 1)
+    std_cfg = noise_cfg.std(dim=dims, keepdim=True)                                           # (B, 1, 1, 1)
+    rescaled = noise_cfg * (std_text / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
 # %% ../nbs/15_sd_pipeline.ipynb #5e524955
 class StableDiffusionPipeline(DiffusionPipeline):
     "Text-to-image with SD v1.x parts: CLIP tokenizer + text encoder, conditional UNet, any scheduler, VAE."
+    _callback_tensor_inputs = CALLBACK_TENSOR_INPUTS
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  requires_safety_checker=False):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               safety_checker=None, feature_extractor=None)
     @property
     def vae_scale_factor(self) -> int: return vae_scale_factor(self.vae.config)
+    def set_lora_scale(self, scale=1.0): pass  # minidiff.lora replaces this
     def enable_attention_slicing(self, slice_size="auto"):
         "Compute attention in slices to save memory (`'auto'`: half the heads at a time; `'max'`: one at a time)."
         self.unet.set_attention_slice(slice_size)
     def disable_attention_slicing(self): self.unet.set_attention_slice(None)
     def enable_vae_slicing(self): self.vae.enable_slicing()     # decode one image at a time
     def disable_vae_slicing(self): self.vae.disable_slicing()
+    def enable_vae_tiling(self): self.vae.enable_tiling()       # decode large images tile by tile
+    def disable_vae_tiling(self): self.vae.disable_tiling()
+
+# %% ../nbs/15_sd_pipeline.ipynb #c7b2cd12
+@patch
+@contextlib.contextmanager
+def _calling(self: StableDiffusionPipeline, guidance_scale, guidance_rescale=0.0, cross_attention_kwargs=None):
+    "Hold one call's settings, read by callbacks as diffusers' properties; LoRA scale for the call, 1 after."
+    self._guidance_scale, self._guidance_rescale, self._interrupt, self._num_timesteps = guidance_scale, guidance_rescale, False, 0
+    self._cross_attention_kwargs = cross_attention_kwargs
+    self.set_lora_scale((cross_attention_kwargs or {}).get('scale', 1.0))
+    try: yield self
+    finally: self.set_lora_scale(1.0)
+
+for _name in ('guidance_scale', 'guidance_rescale', 'interrupt', 'num_timesteps', 'cross_attention_kwargs'):
+    setattr(StableDiffusionPipeline, _name, property(lambda self, k='_' + _name: getattr(self, k, None)))
+StableDiffusionPipeline.do_classifier_free_guidance = property(lambda self: self._guidance_scale > 1)
+
+# %% ../nbs/15_sd_pipeline.ipynb #d6fa058a
+@patch
+def encode_prompt(self: StableDiffusionPipeline, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                  negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):
+    "diffusers' `encode_prompt`: (text, negative) embeddings, each (B * num_images_per_prompt, L, D)."
+    n, dtype = num_images_per_prompt, (self.text_encoder if self.text_encoder is not None else self.unet).dtype
+    if prompt_embeds is None: emb = encode_prompts(self.tokenizer, self.text_encoder, _prompt_list(prompt), n, device)
+    else: emb = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(n, dim=0)       # (B * n, L, D)
+    if not do_classifier_free_guidance: return emb, negative_prompt_embeds
+    if negative_prompt_embeds is not None:
+        return emb, negative_prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(n, dim=0)
+    negs = negative_prompts(negative_prompt, emb.shape[0] // n)
+    return emb, encode_prompts(self.tokenizer, self.text_encoder, negs, n, device, max_length=emb.shape[1])
+
+@patch
+def _embeddings(self: StableDiffusionPipeline, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_per):
+    "The UNet's conditioning (`[negative, text]` when guided) and the negative embeddings."
+    emb, neg = self.encode_prompt(prompt, self.device, n_per, self.do_classifier_free_guidance, negative_prompt,
+                                  prompt_embeds, negative_prompt_embeds)
+    return (torch.cat([neg, emb]) if self.do_classifier_free_guidance else emb), neg            # (2n or n, L, D)
+
+# %% ../nbs/15_sd_pipeline.ipynb #5dcba375
+def check_finite(latents, step:int, t):
+    "Raise a clear error when the latents hold NaN or inf after `step` (timestep `t`)."
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError(f"the latents are not finite (NaN or inf) after denoising step {step} (timestep "
+                                 f"{int(t)}) in {latents.dtype}; float16 can overflow: load the pipeline with "
+                                 "torch_dtype=torch.float32 or torch.bfloat16")
+
+@patch
+def predict_noise(self: StableDiffusionPipeline, state:dict, t):
+    "The guided (and rescaled) noise prediction (B, 4, h, w) for `state['latents']` at timestep `t`."
+    latents, guided = state['latents'], self.do_classifier_free_guidance
+    x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)   # (2B or B, 4, h, w)
+    noise_pred = self.unet(self._model_input(x, state), t, encoder_hidden_states=state['prompt_embeds']).sample
+    if not guided: return noise_pred
+    guided_pred = classifier_free_guidance(noise_pred, self.guidance_scale)
+    if self.guidance_rescale > 0: guided_pred = rescale_noise_cfg(guided_pred, noise_pred.chunk(2)[1], self.guidance_rescale)
+    return guided_pred
+
+StableDiffusionPipeline._model_input = lambda self, x, state: x
+StableDiffusionPipeline._after_step = lambda self, latents, i, timesteps, state: latents
+
+# %% ../nbs/15_sd_pipeline.ipynb #939ce548
+@patch
+def denoise(self: StableDiffusionPipeline, latents, timesteps, prompt_embeds, negative_prompt_embeds, step_kwargs,
+            callback=None, callback_inputs=(), **extra):
+    "The loop every SD pipeline shares; `extra` tensors (inpainting's mask...) ride along in the state."
+    state = dict(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **extra)
+    self._num_timesteps = len(timesteps)
+    for i, t in enumerate(self.progress_bar(timesteps)):
+        if self.interrupt: continue
+        state['noise_pred'] = self.predict_noise(state, t)
+        latents = self.scheduler.step(state['noise_pred'], t, state['latents'], **step_kwargs).prev_sample
+        state['latents'] = self._after_step(latents, i, timesteps, state)
+        if callback is not None:
+            out = callback(self, i, t, {k: state[k] for k in callback_inputs}) or {}
+            state.update({k: v for k, v in out.items() if k in self._callback_tensor_inputs})
+        check_finite(state['latents'], i, t)
+    return state['latents']
+
+@patch
+def _output(self: StableDiffusionPipeline, latents, output_type, return_dict):
+    "Decode (unless `output_type='latent'`) and wrap, as diffusers does."
+    if output_type == 'latent': images = latents
+    else: images = postprocess(self.vae.decode(latents / self.vae.config.scaling_factor).sample, output_type)
+    return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
+
+# %% ../nbs/15_sd_pipeline.ipynb #b9d1bc27
+@patch
+def _check_call(self: StableDiffusionPipeline, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_per,
+                num_inference_steps, output_type, generator, callback, tensor_inputs, height=None, width=None):
+    "Every check before work starts; return the number of images and the callback's tensor names."
+    batch = check_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+    check_sd_inputs(batch, negative_prompt, height, width, self.vae_scale_factor, n_per)
+    check_call_args(batch * n_per, num_inference_steps, output_type, generator, allowed=OUTPUT_TYPES + ('latent',))
+    return batch * n_per, check_callback(callback, tensor_inputs, self._callback_tensor_inputs)
 
 # %% ../nbs/15_sd_pipeline.ipynb #49100b0b
 @patch
 @torch.no_grad()
 def __call__(self: StableDiffusionPipeline, prompt=None, height=None, width=None, num_inference_steps=50,
              guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
-             output_type="pil", return_dict=True):
-    "Generate images from `prompt` (a string or a list) as diffusers' StableDiffusionPipeline does."
-    prompts, f = _prompt_list(prompt), self.vae_scale_factor
+             prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
+             cross_attention_kwargs=None, guidance_rescale=0.0, callback_on_step_end=None,
+             callback_on_step_end_tensor_inputs=("latents",)):
+    "Generate images from `prompt` (a string or a list) or `prompt_embeds`, as diffusers' StableDiffusionPipeline does."
+    f = self.vae_scale_factor
     height, width = height or self.unet.config.sample_size * f, width or self.unet.config.sample_size * f
-    negs = check_sd_inputs(prompts, negative_prompt, height, width, f, num_images_per_prompt)
-    n, guided = len(prompts) * num_images_per_prompt, guidance_scale > 1
-    check_call_args(n, num_inference_steps, output_type, generator, allowed=OUTPUT_TYPES + ('latent',))
+    n, names = self._check_call(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt,
+                                num_inference_steps, output_type, generator, callback_on_step_end,
+                                callback_on_step_end_tensor_inputs, height, width)
     shape = (n, self.unet.config.in_channels, height // f, width // f)
     if latents is not None and tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape} (images, channels, height // {f}, width // {f}), "
                          f"got {tuple(latents.shape)}")
-    emb = encode_prompts(self.tokenizer, self.text_encoder, prompts, num_images_per_prompt, self.device)   # (n, L, D)
-    if guided:
-        uncond = encode_prompts(self.tokenizer, self.text_encoder, negs, num_images_per_prompt, self.device)
-        emb = torch.cat([uncond, emb])                                                              # (2n, L, D)
-    self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-    latents = prepare_latents(self.scheduler, shape, generator, self.device, emb.dtype, latents)      # (n, 4, h, w)
-    step_kwargs = _step_kwargs(self.scheduler, generator, eta)
-    for t in self.progress_bar(self.scheduler.timesteps):
-        x = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-        noise_pred = self.unet(x, t, encoder_hidden_states=emb).sample
-        if guided: noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
-        latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
-    if output_type == 'latent': images = latents
-    else: images = postprocess(self.vae.decode(latents / self.vae.config.scaling_factor).sample, output_type)
-    return StableDiffusionPipelineOutput(images=images) if return_dict else (images, None)
+    with self._calling(guidance_scale, guidance_rescale, cross_attention_kwargs):
+        emb, neg = self._embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = prepare_latents(self.scheduler, shape, generator, self.device, emb.dtype, latents)  # (n, 4, h, w)
+        latents = self.denoise(latents, self.scheduler.timesteps, emb, neg, _step_kwargs(self.scheduler, generator, eta),
+                               callback_on_step_end, names)
+        return self._output(latents, output_type, return_dict)
