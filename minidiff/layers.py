@@ -12,7 +12,7 @@ from .core import patch
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'QuickGELU', 'get_activation', 'get_timestep_embedding', 'Timesteps', 'TimestepEmbedding',
-           'ResnetBlock2D', 'Attention', 'slice_attention', 'Downsample2D', 'Upsample2D']
+           'ResnetBlock2D', 'Attention', 'slice_attention', 'Downsample2D', 'Upsample2D', 'check_finite']
 
 # %% ../nbs/04_layers.ipynb #31782aa7
 class QuickGELU(nn.Module):
@@ -209,3 +209,13 @@ class Upsample2D(nn.Module):
         if output_size is None: hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode='nearest')
         else: hidden_states = F.interpolate(hidden_states, size=output_size, mode='nearest')   # (B, C, 2H, 2W)
         return hidden_states if self.conv is None else self.conv(hidden_states)
+
+# %% ../nbs/04_layers.ipynb #fe4e274d
+def check_finite(x:torch.Tensor, # latents, noise predictions, images...
+                 step:int=None, # the denoising step, for the message
+                 what:str='latents'): # what `x` is, for the message
+    "Return `x`, or raise a one-line `FloatingPointError` if it holds NaN or inf."
+    if torch.isfinite(x).all(): return x
+    at = '' if step is None else f' at step {step}'
+    raise FloatingPointError(f"{what} became NaN/inf{at} in {x.dtype}: run the model in float32 or bfloat16 "
+                             f"(float16 overflows above 65504)")
