@@ -3,7 +3,7 @@ without `enable_tiling()`. Each decode runs in a fresh process; memory is that p
 resident size just before the decode. The untiled child runs under an address-space limit, so that a decode that
 does not fit fails in its own process instead of pushing the machine into swap or the OOM killer.
 
-    python benchmarks/bench_tiling.py [--size 2048] [--threads 2] [--limit-gb 18]
+    python benchmarks/bench_tiling.py [--size 2048] [--threads 2] [--limit-gb 18] [--only tiled|untiled]
 """
 import argparse, json
 from _common import ROOT, PEAK, measure
@@ -35,8 +35,10 @@ def main():
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit-gb", type=float, default=18.0)
+    ap.add_argument("--only", choices=["tiled", "untiled"], help="run one of the two decodes")
     a = ap.parse_args()
-    rows = [measure(CHILD, a.size, int(tiling), a.limit_gb, ROOT, threads=a.threads) for tiling in (True, False)]
+    modes = [t for t in (True, False) if a.only is None or a.only == ("tiled" if t else "untiled")]
+    rows = [measure(CHILD, a.size, int(tiling), a.limit_gb, ROOT, threads=a.threads) for tiling in modes]
     print(f"| {a.size}x{a.size} decode, SD v1.5 VAE, float32, CPU ({a.threads} threads) | seconds | peak above "
           f"baseline (MiB) | process peak (MiB) |\n|---|---|---|---|")
     for r in rows:
