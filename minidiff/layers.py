@@ -12,7 +12,7 @@ from .core import patch
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'QuickGELU', 'get_activation', 'get_timestep_embedding', 'Timesteps', 'TimestepEmbedding',
-           'ResnetBlock2D', 'Attention', 'Downsample2D', 'Upsample2D']
+           'ResnetBlock2D', 'Attention', 'slice_attention', 'Downsample2D', 'Upsample2D', 'check_finite']
 
 # %% ../nbs/04_layers.ipynb #31782aa7
 class QuickGELU(nn.Module):
@@ -110,6 +110,7 @@ class Attention(nn.Module):
         super().__init__()
         inner_dim, kv_dim = heads * dim_head, cross_attention_dim or query_dim
         self.heads, self.sliceable_head_dim, self.slice_size = heads, heads, None
+        self.scale = dim_head ** -0.5                          # 1/sqrt(Dh), as diffusers' `attn.scale`
         self.upcast_attention, self.upcast_softmax = upcast_attention, upcast_softmax
         self.rescale_output_factor, self.residual_connection = rescale_output_factor, residual_connection
         self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups else None
@@ -138,12 +139,23 @@ class Attention(nn.Module):
 # %% ../nbs/04_layers.ipynb #a71aece4
 @patch
 def attend(self:Attention, q, k, v): # (B, N, L, Dh), (B, N, Lk, Dh), (B, N, Lk, Dh)
-    "softmax(q k^T / sqrt(Dh)) v, over all `B*N` maps at once or `slice_size` maps at a time."
+    "softmax(q k^T / sqrt(Dh)) v, over all `B*N` maps at once (SDPA) or `slice_size` maps at a time (diffusers' way)."
     if self.slice_size is None: return F.scaled_dot_product_attention(q, k, v)  # (B, N, L, Dh)
     b, n, l, dh = q.shape
     q, k, v, s = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), self.slice_size  # (B*N, L|Lk, Dh)
-    out = [F.scaled_dot_product_attention(q[i:i+s], k[i:i+s], v[i:i+s]) for i in range(0, b * n, s)]
+    out = [torch.bmm(self.attention_probs(q[i:i+s], k[i:i+s]), v[i:i+s]) for i in range(0, b * n, s)]
     return torch.cat(out).view(b, n, l, dh)
+
+# %% ../nbs/04_layers.ipynb #a71aece6
+@patch
+def attention_probs(self:Attention, q, k): # (S, L, Dh), (S, Lk, Dh): S = a slice of the B*N maps
+    "softmax(q k^T * scale) (S, L, Lk) computed as diffusers' `get_attention_scores` computes it."
+    dtype = q.dtype
+    if self.upcast_attention: q, k = q.float(), k.float()
+    unused = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+    scores = torch.baddbmm(unused, q, k.transpose(-1, -2), beta=0, alpha=self.scale)    # (S, L, Lk)
+    if self.upcast_softmax: scores = scores.float()
+    return scores.softmax(dim=-1).to(dtype)
 
 # %% ../nbs/04_layers.ipynb #a71aece5
 @patch
@@ -153,6 +165,23 @@ def set_attention_slice(self:Attention, slice_size:int|None):
         raise ValueError(f"slice_size {slice_size} has to be between 1 and the number of heads "
                          f"{self.sliceable_head_dim}")
     self.slice_size = slice_size
+
+# %% ../nbs/04_layers.ipynb #e521a720
+def slice_attention(model:nn.Module, # a UNet, a VAE, or any module holding `Attention` layers
+                    slice_size): # "auto", "max", an int, a list (one per `Attention`), or None
+    "Set the slice size of every `Attention` in `model`: 'auto' = half its heads, 'max' = 1, an int, a list, or None."
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    heads = [a.sliceable_head_dim for a in attns]
+    if isinstance(slice_size, str) and slice_size in ('auto', 'max'):
+        sizes = [max(h // 2, 1) if slice_size == 'auto' else 1 for h in heads]
+    else: sizes = list(slice_size) if isinstance(slice_size, (list, tuple)) else [slice_size] * len(heads)
+    if len(sizes) != len(heads):
+        raise ValueError(f"slice_size has {len(sizes)} entries but the model has {len(heads)} attention layers")
+    for s, h in zip(sizes, heads):
+        if s is not None and not (isinstance(s, int) and 0 < s <= h):
+            raise ValueError(f"slice_size {s!r} has to be None, 'auto', 'max' or an int between 1 and the number of "
+                             f"heads {h}")
+    for a, s in zip(attns, sizes): a.set_attention_slice(s)
 
 # %% ../nbs/04_layers.ipynb #1175dca0
 class Downsample2D(nn.Module):
@@ -180,3 +209,13 @@ class Upsample2D(nn.Module):
         if output_size is None: hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode='nearest')
         else: hidden_states = F.interpolate(hidden_states, size=output_size, mode='nearest')   # (B, C, 2H, 2W)
         return hidden_states if self.conv is None else self.conv(hidden_states)
+
+# %% ../nbs/04_layers.ipynb #fe4e274d
+def check_finite(x:torch.Tensor, # latents, noise predictions, images...
+                 step:int=None, # the denoising step, for the message
+                 what:str='latents'): # what `x` is, for the message
+    "Return `x`, or raise a one-line `FloatingPointError` if it holds NaN or inf."
+    if torch.isfinite(x).all(): return x
+    at = '' if step is None else f' at step {step}'
+    raise FloatingPointError(f"{what} became NaN/inf{at} in {x.dtype}: run the model in float32 or bfloat16 "
+                             f"(float16 overflows above 65504)")

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .core import BaseOutput, register_to_config
+from .core import BaseOutput, register_to_config, patch
 from .loading import ModelMixin
-from .layers import Timesteps, TimestepEmbedding, get_activation
+from .layers import Timesteps, TimestepEmbedding, get_activation, slice_attention
 from .blocks import (DownBlock2D, AttnDownBlock2D, UNetMidBlock2D, UpBlock2D, AttnUpBlock2D, check_supported,
                              batch_timesteps)
 
@@ -105,3 +105,9 @@ class UNet2DModel(ModelMixin):
             sample, skips = block(sample, skips[-n:], emb), skips[:-n]           # back up to (B, C0, H, W)
         sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))        # (B, C_out, H, W)
         return UNet2DOutput(sample=sample) if return_dict else (sample,)
+
+# %% ../nbs/05_unet2d.ipynb #1d1b0f81
+@patch
+def set_attention_slice(self:UNet2DModel, slice_size): # "auto", "max", an int, a list (one per `Attention`), or None
+    "Compute attention a few (batch x head) maps at a time to save memory (`04_layers.slice_attention`)."
+    slice_attention(self, slice_size)

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from .core import BaseOutput, register_to_config
 from .loading import ModelMixin
 from .core import patch
-from .layers import Timesteps, TimestepEmbedding, Attention, Downsample2D, Upsample2D, get_activation
+from .layers import Timesteps, TimestepEmbedding, Attention, Downsample2D, Upsample2D, get_activation, slice_attention
 from .blocks import DownBlock2D, UpBlock2D, resnet_block, check_supported, batch_timesteps
 
 # %% auto #0
 __all__ = ['DOWN_BLOCKS', 'UP_BLOCKS', 'CROSS_BLOCKS', 'SUPPORTED', 'MUST_BE_NONE', 'GEGLU', 'FeedForward',
            'BasicTransformerBlock', 'Transformer2DModel', 'transformer_block', 'CrossAttnDownBlock2D',
            'UNetMidBlock2DCrossAttn', 'CrossAttnUpBlock2D', 'UNet2DConditionOutput', 'per_block', 'text_for',
-           'check_text', 'check_unet_condition_config', 'text_kwargs', 'UNet2DConditionModel', 'slice_attention']
+           'check_text', 'check_unet_condition_config', 'text_kwargs', 'UNet2DConditionModel']
 
 # %% ../nbs/10_unet_condition.ipynb #bff3995e
 class GEGLU(nn.Module):
@@ -345,22 +345,6 @@ def forward(self:UNet2DConditionModel, sample, # (B, C_in, H, W) noisy latents
         sample = block(sample, res, emb, *text_for(block, encoder_hidden_states), upsample_size=size)
     sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))       # (B, C_out, H, W)
     return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
-
-# %% ../nbs/10_unet_condition.ipynb #e521a720
-def slice_attention(model:nn.Module, slice_size):
-    "Set the slice size of every `Attention` in `model`: 'auto' = half its heads, 'max' = 1, an int, a list, or None."
-    attns = [m for m in model.modules() if isinstance(m, Attention)]
-    heads = [a.sliceable_head_dim for a in attns]
-    if isinstance(slice_size, str) and slice_size in ('auto', 'max'):
-        sizes = [max(h // 2, 1) if slice_size == 'auto' else 1 for h in heads]
-    else: sizes = list(slice_size) if isinstance(slice_size, (list, tuple)) else [slice_size] * len(heads)
-    if len(sizes) != len(heads):
-        raise ValueError(f"slice_size has {len(sizes)} entries but the model has {len(heads)} attention layers")
-    for s, h in zip(sizes, heads):
-        if s is not None and not (isinstance(s, int) and 0 < s <= h):
-            raise ValueError(f"slice_size {s!r} has to be None, 'auto', 'max' or an int between 1 and the number of "
-                             f"heads {h}")
-    for a, s in zip(attns, sizes): a.set_attention_slice(s)
 
 # %% ../nbs/10_unet_condition.ipynb #e521a722
 @patch

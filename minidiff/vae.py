@@ -4,18 +4,18 @@
 
 # %% ../nbs/14_vae.ipynb #77b16298
 from __future__ import annotations
-import math
+import math, warnings
 from dataclasses import dataclass
 import torch
 from torch import nn
-from .core import BaseOutput, register_to_config, randn_tensor
+from .core import BaseOutput, register_to_config, randn_tensor, patch
 from .loading import ModelMixin
-from .layers import Downsample2D, Upsample2D
+from .layers import Downsample2D, Upsample2D, slice_attention
 from .blocks import UNetMidBlock2D, resnet_block, check_supported
 
 # %% auto #0
 __all__ = ['DownEncoderBlock2D', 'UpDecoderBlock2D', 'Encoder', 'Decoder', 'DiagonalGaussianDistribution', 'AutoencoderKLOutput',
-           'DecoderOutput', 'check_input', 'per_image', 'AutoencoderKL']
+           'DecoderOutput', 'check_input', 'per_image', 'AutoencoderKL', 'blend', 'tiled']
 
 # %% ../nbs/14_vae.ipynb #c39b84cd
 class DownEncoderBlock2D(nn.Module):
@@ -188,7 +188,9 @@ class AutoencoderKL(ModelMixin):
         self.decoder = Decoder(latent_channels, out_channels, up_block_types, **common)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
-        self.use_slicing = False
+        self.use_slicing, self.use_tiling, self.tile_overlap_factor = False, False, 0.25
+        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self.tile_sample_min_size, self.tile_latent_min_size = size, int(size / 2 ** (len(block_out_channels) - 1))
 
     def enable_slicing(self): self.use_slicing = True
     def disable_slicing(self): self.use_slicing = False
@@ -201,16 +203,22 @@ class AutoencoderKL(ModelMixin):
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
-    def _encode(self, x): return self.encoder(x) if self.quant_conv is None else self.quant_conv(self.encoder(x))
+    def _encode(self, x): # (1 or B, C_in, H, W): tiled if tiling is on and x is larger than a tile
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size: return self._tiled_encode(x)
+        return self.encoder(x) if self.quant_conv is None else self.quant_conv(self.encoder(x))
 
     def decode(self, z, # (B, latent, h, w) latents, already divided by scaling_factor
-               return_dict:bool=True): # False: return a tuple
+               return_dict:bool=True, # False: return a tuple
+               upcast:bool=None): # redo an overflowed half-precision decode in float32; None: config.force_upcast
         "The images of latents `z`."
         check_input(z, self.config.latent_channels, 'decode expects latents')
         images = per_image(self._decode, z, self.use_slicing)                   # (B, C_out, H, W)
+        if images.dtype in (torch.float16, torch.bfloat16): images = self.upcast_if_needed(z, images, upcast)
         return DecoderOutput(sample=images) if return_dict else (images,)
 
-    def _decode(self, z): return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+    def _decode(self, z): # (1 or B, latent, h, w): tiled if tiling is on and z is larger than a tile
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size: return self._tiled_decode(z)
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
 
     def forward(self, sample, # (B, C_in, H, W) images in [-1, 1]
                 sample_posterior:bool=False, # True: decode a sample of q(z|x); False: its mean
@@ -220,3 +228,81 @@ class AutoencoderKL(ModelMixin):
         posterior = self.encode(sample).latent_dist
         images = self.decode(posterior.sample(generator=generator) if sample_posterior else posterior.mode()).sample
         return DecoderOutput(sample=images) if return_dict else (images,)
+
+# %% ../nbs/14_vae.ipynb #8225d5bf
+def blend(a, # the tile above (dim=2) or to the left (dim=3), (B, C, h, w)
+          b, # the tile to blend into, modified in place
+          extent:int, # rows/columns of overlap to cross-fade
+          dim:int): # 2: vertical (diffusers' blend_v), 3: horizontal (blend_h)
+    "Cross-fade the last `extent` rows/columns of `a` into the first ones of `b`, in place; return `b`."
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    for y in range(extent):
+        b.select(dim, y).copy_(a.select(dim, y - extent) * (1 - y / extent) + b.select(dim, y) * (y / extent))
+    return b
+
+# %% ../nbs/14_vae.ipynb #19fb40cd
+def tiled(fn, # maps a tile (B, C, size, size) to an output tile (B, C', t, t)
+          x, # (B, C, H, W) the input
+          size:int, # input tile side
+          stride:int, # a tile starts every `stride` input pixels
+          extent:int, # output rows/columns cross-faded between neighbours
+          keep:int): # output rows/columns each tile contributes
+    "`fn` of each tile of `x`, blended with the tiles above and to the left, cropped and stitched together."
+    rows = [[fn(x[:, :, i:i + size, j:j + size]) for j in range(0, x.shape[3], stride)]
+            for i in range(0, x.shape[2], stride)]
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            if i > 0: blend(rows[i - 1][j], tile, extent, 2)
+            if j > 0: blend(row[j - 1], tile, extent, 3)
+    return torch.cat([torch.cat([t[:, :, :keep, :keep] for t in row], dim=3) for row in rows], dim=2)
+
+# %% ../nbs/14_vae.ipynb #11836500
+@patch
+def enable_tiling(self:AutoencoderKL): self.use_tiling = True
+@patch
+def disable_tiling(self:AutoencoderKL): self.use_tiling = False
+
+@patch
+def _tiled_encode(self:AutoencoderKL, x): # (B, C_in, H, W) images larger than a tile
+    "Moments (B, 2 * latent, H/8, W/8) from overlapping image tiles, as diffusers' `_tiled_encode`."
+    size, f = self.tile_sample_min_size, self.tile_overlap_factor
+    extent = int(self.tile_latent_min_size * f)
+    encode = lambda t: self.encoder(t) if self.quant_conv is None else self.quant_conv(self.encoder(t))
+    return tiled(encode, x, size, int(size * (1 - f)), extent, self.tile_latent_min_size - extent)
+
+@patch
+def _tiled_decode(self:AutoencoderKL, z): # (B, latent, h, w) latents larger than a tile
+    "Images (B, C_out, 8h, 8w) from overlapping latent tiles, as diffusers' `tiled_decode`."
+    size, f = self.tile_latent_min_size, self.tile_overlap_factor
+    extent = int(self.tile_sample_min_size * f)
+    decode = lambda t: self.decoder(t if self.post_quant_conv is None else self.post_quant_conv(t))
+    return tiled(decode, z, size, int(size * (1 - f)), extent, self.tile_sample_min_size - extent)
+
+@patch
+def tiled_decode(self:AutoencoderKL, z, return_dict:bool=True):
+    "Decode `z` in tiles whatever its size (diffusers' public name)."
+    images = self._tiled_decode(z)
+    return DecoderOutput(sample=images) if return_dict else (images,)
+
+# %% ../nbs/14_vae.ipynb #85f66f49
+@patch
+def decode_float32(self:AutoencoderKL, z): # (B, latent, h, w) latents in any dtype
+    "Decode `z` with the weights in float32 for this call (diffusers' `upcast_vae`), back to their dtype after."
+    dtype = self.dtype
+    self.to(torch.float32)
+    try: return per_image(self._decode, z.float(), self.use_slicing)        # (B, C_out, H, W) float32
+    finally: self.to(dtype)
+
+@patch
+def upcast_if_needed(self:AutoencoderKL, z, images, upcast:bool=None): # None: config.force_upcast
+    "`images`, or if that half-precision decode of `z` is not finite and `upcast`, the float32 decode in its dtype."
+    if not (self.config.force_upcast if upcast is None else upcast) or torch.isfinite(images).all(): return images
+    warnings.warn(f"the {images.dtype} VAE decode overflowed (NaN/inf): decoding again in float32")
+    redone = self.decode_float32(z)
+    return redone.to(images.dtype) if torch.isfinite(redone.to(images.dtype)).all() else redone
+
+# %% ../nbs/14_vae.ipynb #1f3553fb
+@patch
+def set_attention_slice(self:AutoencoderKL, slice_size): # "auto", "max", an int, a list, or None
+    "Slice the mid-block attention of the encoder and decoder (`04_layers.slice_attention`)."
+    slice_attention(self, slice_size)
