@@ -34,7 +34,8 @@ class CLIPTextEmbeddings(nn.Module):
 def causal_mask(attention_mask, # (B, L) 1 for real tokens, 0 for padding; or None
                 L): # number of tokens
     "Boolean `(B, 1, L, L)` mask, causal and padding together; `None` when plain causal attention does."
-    if attention_mask is None or bool(attention_mask.bool().all()): return None
+    if attention_mask is None: return None
+    if not torch.compiler.is_compiling() and bool(attention_mask.bool().all()): return None  # eager: skip a no-op mask
     causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()  # (L, L) key <= query
     return causal[None, None] & attention_mask.bool()[:, None, None, :]                 # (B, 1, L, L)
 
@@ -128,9 +129,10 @@ def check_text_inputs(input_ids, attention_mask, vocab_size, max_position_embedd
     if L > max_position_embeddings:
         raise ValueError(f"input_ids has {L} tokens but max_position_embeddings is {max_position_embeddings}: "
                          f"truncate the prompt (tokenizer(..., truncation=True, max_length={max_position_embeddings}))")
-    bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-    if bad.numel():
-        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got {bad.unique()[:5].tolist()}")
+    if not torch.compiler.is_compiling():  # reading the ids back is eager-only (a graph break otherwise)
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+        if bad.numel():
+            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got {bad.unique()[:5].tolist()}")
     if attention_mask is None: return
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
         got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
