@@ -1,11 +1,14 @@
-"The `minidiff` command: generate and ddpm on tiny folders, every scheduler name, one-line errors (exit status 2), torchrun."
+"""The `minidiff` command: generate and ddpm on tiny folders, every scheduler name, one-line errors (exit status 2), torchrun;
+image-to-image and inpainting (--image, --strength, --mask), single files (--model FILE, --config) and LoRA (--lora)."""
 import json, os, shutil, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pytest, torch
 from PIL import Image
 import minidiff.cli as cli
-from minidiff import DDPMScheduler, UNet2DModel, save_tiny_sd
-from minidiff.cli import SCHEDULERS, SCHEDULER_ALIASES, main, scheduler_name
+from safetensors.torch import load_file, save_file
+from minidiff import (DDPMScheduler, UNet2DModel, UNet2DConditionModel, StableDiffusionPipeline,
+                      StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, save_tiny_sd, save_tiny_inpaint_sd)
+from minidiff.cli import SCHEDULERS, SCHEDULER_ALIASES, main, scheduler_name, lora_spec
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -162,6 +165,61 @@ def bad_cases(tmp):
         "ddpm output under a file": (["ddpm", "-o", str(tmp/"a-file.txt"/"x.png")], "--output"),
         "no job": ([], "JOB"),
         "unknown job": (["paint"], "JOB"),
+        **file_cases(tmp),
+    }
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"   # a Linear 32->32 of the tiny UNet
+
+def file_cases(tmp):
+    "Bad pictures, single files and LoRA files, made in `tmp`: (argv, the argument the error must name)."
+    Image.new("RGB", (64, 64), "red").save(tmp/"pic.png")
+    Image.new("L", (32, 32)).save(tmp/"small-mask.png")
+    Image.new("RGB", (4, 4)).save(tmp/"tiny.png")
+    (tmp/"notes.png").write_text("not a picture")
+    (tmp/"pics").mkdir()
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp/"noisy.png"); (tmp/"cut.png").write_bytes((tmp/"noisy.png").read_bytes()[:2000])
+    save_file({"model.diffusion_model.x": torch.zeros(64)}, str(tmp/"cut.safetensors"))
+    (tmp/"cut.safetensors").write_bytes((tmp/"cut.safetensors").read_bytes()[:-40])
+    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2)}, str(tmp/"sdxl.safetensors"))
+    save_file({"weight": torch.zeros(2)}, str(tmp/"other.safetensors"))
+    (tmp/"junk.ckpt").write_bytes(b"not a checkpoint")
+    save_file({f"{Q}.lora_down.weight": torch.zeros(4, 320), f"{Q}.lora_up.weight": torch.zeros(320, 4)},
+              str(tmp/"sd15-lora.safetensors"))                                   # SD v1.5's sizes, not the tiny model's
+    save_file({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_no_such_layer.lora_up.weight": torch.zeros(32, 4)}, str(tmp/"unknown-lora.safetensors"))
+    save_file({f"{Q}.lora_down.weight": torch.zeros(4, 32)}, str(tmp/"half-lora.safetensors"))
+    g, pic = ["generate", "x"], ["--image", str(tmp/"pic.png")]
+    return {
+        "strength above 1": (g + pic + ["--strength", "1.5"], "--strength"),
+        "strength below 0": (g + pic + ["--strength=-0.1"], "--strength"),
+        "strength not a number": (g + pic + ["--strength", "half"], "--strength"),
+        "strength without image": (g + ["--strength", "0.5"], "--strength"),
+        "strength runs no step": (g + pic + ["--strength", "0.1", "--steps", "2"], "--strength"),
+        "inpaint strength 0": (g + pic + ["--mask", str(tmp/"pic.png"), "--strength", "0"], "--strength"),
+        "mask without image": (g + ["--mask", str(tmp/"pic.png")], "--mask"),
+        "mask of another size": (g + pic + ["--mask", str(tmp/"small-mask.png")], "--mask"),
+        "mask not a picture": (g + pic + ["--mask", str(tmp/"notes.png")], "--mask"),
+        "image not a picture": (g + ["--image", str(tmp/"notes.png")], "--image"),
+        "image missing": (g + ["--image", str(tmp/"nope.png")], "--image"),
+        "image is a folder": (g + ["--image", str(tmp/"pics")], "--image"),
+        "image truncated": (g + ["--image", str(tmp/"cut.png")], "--image"),
+        "image too small": (g + ["--image", str(tmp/"tiny.png")], "--image"),
+        "config without single file": (g + ["--config", str(tmp)], "--config"),
+        "single file missing": (g + ["--model", str(tmp/"nope.safetensors")], "--model"),
+        "single file truncated": (g + ["--model", str(tmp/"cut.safetensors")], "--model"),
+        "single file not SD": (g + ["--model", str(tmp/"other.safetensors")], "--model"),
+        "SDXL single file": (g + ["--model", str(tmp/"sdxl.safetensors")], "--model"),
+        "ckpt not a checkpoint": (g + ["--model", str(tmp/"junk.ckpt")], "--model"),
+        "ddpm single file": (["ddpm", "--model", str(tmp/"other.safetensors")], "--model"),
+        "lora missing": (g + ["--lora", str(tmp/"nope.safetensors")], "--lora"),
+        "lora scale not a number": (g + ["--lora", f"{tmp/'other.safetensors'}:strong"], "--lora"),
+        "lora scale nan": (g + ["--lora", f"{tmp/'other.safetensors'}:nan"], "--lora"),
+        "lora truncated": (g + ["--lora", str(tmp/"cut.safetensors")], "--lora"),
+        "lora without lora keys": (g + ["--lora", str(tmp/"other.safetensors")], "--lora"),
+        "lora of another size": (g + ["--lora", str(tmp/"sd15-lora.safetensors")], "--lora"),
+        "lora for unknown layers": (g + ["--lora", str(tmp/"unknown-lora.safetensors")], "--lora"),
+        "lora half a pair": (g + ["--lora", str(tmp/"half-lora.safetensors")], "--lora"),
     }
 
 def _case_names():
@@ -207,9 +265,146 @@ def test_output_is_checked_before_loading(tmp_path, capsys, monkeypatch):
 def test_help_reads_well(capsys):
     code, out, _ = run(["generate", "--help"], capsys)
     assert code == 0 and "examples:" in out and "torchrun" in out
+    assert all(flag in out for flag in ("--image", "--strength", "--mask", "--lora", "--config", ".safetensors"))
     assert all(name in out for name in SCHEDULERS)
     code, out, _ = run(["--help"], capsys)
     assert code == 0 and "generate" in out and "ddpm" in out
+
+# --- starting from a picture: --image, --strength, --mask ----------------------------------------------------------
+
+def picture_files(tmp):
+    "A 64x64 picture (a red square on blue) and a mask of a square overlapping it."
+    pic = Image.new("RGB", (64, 64), "blue"); pic.paste((255, 0, 0), (16, 16, 48, 48)); pic.save(tmp/"picture.png")
+    mask = Image.new("L", (64, 64), 0); mask.paste(255, (24, 24, 56, 56)); mask.save(tmp/"mask.png")
+    return tmp/"picture.png", tmp/"mask.png"
+
+def direct(pipe, prompt, **kwargs):
+    "What the pipeline itself makes with the command's defaults: UniPC, guidance 7.5, image 0 seeded 0."
+    pipe.scheduler = SCHEDULERS["unipc"].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt, generator=[torch.Generator().manual_seed(0)], **kwargs).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+def test_image_is_the_img2img_pipeline(sd, tmp_path, capsys):
+    pic, _ = picture_files(tmp_path)
+    out = tmp_path/"out.png"
+    code, stdout, _ = run(["generate", "a green circle", "--model", str(sd), "--steps", "2", "--image", str(pic),
+                           "--strength", "0.5", "-o", str(out), "-q"], capsys)
+    assert code == 0 and stdout.strip() == f"wrote {out}"
+    want = direct(StableDiffusionImg2ImgPipeline.from_pretrained(sd), "a green circle", image=Image.open(pic),
+                  strength=0.5, num_inference_steps=2)
+    assert np.array_equal(pixels(out), want)
+
+def test_image_sizes(sd, tmp_path, capsys):
+    Image.new("RGB", (70, 50), "red").save(tmp_path/"odd.png")
+    base = ["generate", "x", "--model", str(sd), "--steps", "2", "--image", str(tmp_path/"odd.png"), "-q"]
+    assert run(base + ["-o", str(tmp_path/"a.png")], capsys)[0] == 0
+    assert run(base + ["--height", "32", "--width", "64", "--num-images", "2", "-o", str(tmp_path/"b.png")], capsys)[0] == 0
+    assert Image.open(tmp_path/"a.png").size == (64, 48)                          # cut down to multiples of 8
+    assert Image.open(tmp_path/"b.png").size == (128, 32)                         # resized, two side by side
+
+def test_mask_is_the_inpaint_pipeline(sd, tmp_path, capsys):
+    pic, mask = picture_files(tmp_path)
+    out = tmp_path/"out.png"
+    code, _, _ = run(["generate", "a green circle", "--model", str(sd), "--steps", "2", "--image", str(pic),
+                      "--mask", str(mask), "-o", str(out), "-q"], capsys)
+    assert code == 0
+    want = direct(StableDiffusionInpaintPipeline.from_pretrained(sd), "a green circle", image=Image.open(pic),
+                  mask_image=Image.open(mask), height=64, width=64, num_inference_steps=2)   # strength 1.0
+    assert np.array_equal(pixels(out), want)
+
+def test_inpainting_model_needs_a_mask(tmp_path, capsys):
+    folder = save_tiny_inpaint_sd(tmp_path/"inpaint-sd")
+    pic, mask = picture_files(tmp_path)
+    base = ["generate", "x", "--model", str(folder), "--steps", "2", "-q", "--image", str(pic)]
+    assert run(base + ["--mask", str(mask), "-o", str(tmp_path/"a.png")], capsys)[0] == 0
+    assert Image.open(tmp_path/"a.png").size == (64, 64)
+    code, _, err = run(base + ["-o", str(tmp_path/"b.png")], capsys)
+    assert code == 2 and "--mask" in err and "9-channel" in err and len(err.splitlines()) == 1, err
+
+def test_prompts_file_with_one_picture(sd, tmp_path, capsys):
+    pic, _ = picture_files(tmp_path)
+    (tmp_path/"prompts.txt").write_text("a red circle\na blue square\n")
+    code, out, _ = run(["generate", "--prompts-file", str(tmp_path/"prompts.txt"), "--out-dir", str(tmp_path/"imgs"),
+                        "--model", str(sd), "--steps", "2", "--image", str(pic), "-q"], capsys)
+    assert code == 0 and "wrote 2 images" in out
+    assert [Image.open(tmp_path/"imgs"/n).size for n in ("00000.png", "00001.png")] == [(64, 64)] * 2
+
+def test_pipeline_input_errors_name_the_argument(sd):
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(sd)
+    with pytest.raises(cli.UsageError, match="argument --strength: strength 0.1 of 2 steps"):
+        cli.generate(pipe, "x", steps=2, image=Image.new("RGB", (64, 64)), strength=0.1)
+
+def test_files_are_checked_before_loading(sd, tmp_path, capsys, monkeypatch):
+    cases = file_cases(tmp_path)
+    def no_loading(*args, **kwargs): raise AssertionError("loaded a model before checking the files")
+    monkeypatch.setattr(cli, "load_pipeline", no_loading)
+    for case in ("mask of another size", "image not a picture", "strength runs no step", "lora truncated",
+                 "lora without lora keys", "lora missing"):
+        argv, arg = cases[case]
+        code, _, err = run(argv + ["-o", str(tmp_path/"x.png")], capsys)
+        assert code == 2 and arg in err, (case, err)
+
+# --- single files: --model FILE.safetensors|.ckpt, --config ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def single(sd, tmp_path_factory):
+    "The tiny SD written as one original-layout file."
+    return StableDiffusionPipeline.from_pretrained(sd).save_single_file(tmp_path_factory.mktemp("single")/"tiny.safetensors")
+
+def test_single_file_equals_its_folder(sd, single, tmp_path, capsys):
+    torch.save({"state_dict": load_file(single)}, tmp_path/"tiny.ckpt")          # as the original .ckpt files nest it
+    base, outs = ["generate", "a red circle", "--steps", "2", "-q"], {}
+    for name, model in (("folder", [str(sd)]), ("safetensors", [str(single), "--config", str(sd)]),
+                        ("ckpt", [str(tmp_path/"tiny.ckpt"), "--config", str(sd)])):
+        outs[name] = tmp_path/f"{name}.png"
+        assert run(base + ["--model", *model, "-o", str(outs[name])], capsys)[0] == 0, name
+    assert outs["folder"].read_bytes() == outs["safetensors"].read_bytes() == outs["ckpt"].read_bytes()
+
+def test_single_file_of_other_sizes_needs_config(single, tmp_path, capsys):
+    code, _, err = run(["generate", "x", "--model", str(single), "-o", str(tmp_path/"x.png")], capsys)   # SD v1.5 sizes
+    assert code == 2 and "--model" in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+# --- LoRA: --lora FILE[:SCALE] ----------------------------------------------------------------------------------------
+
+def random_lora(unet, path, seed=0, rank=4):
+    "A kohya-format LoRA file with random updates of every attention projection of `unet`."
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for n, m in unet.named_modules():
+        if not n.endswith(("to_q", "to_k", "to_v", "to_out.0")): continue
+        k = "lora_unet_" + n.replace(".", "_")
+        sd[f"{k}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g)
+        sd[f"{k}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.5
+        sd[f"{k}.alpha"] = torch.tensor(float(rank))
+    save_file(sd, str(path)); return path
+
+@pytest.fixture(scope="module")
+def loras(sd, tmp_path_factory):
+    d, unet = tmp_path_factory.mktemp("lora"), UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    return random_lora(unet, d/"a.safetensors", seed=0), random_lora(unet, d/"b.safetensors", seed=1)
+
+def test_lora_scale_is_the_call_time_scale(sd, loras, tmp_path, capsys):
+    a, b = loras
+    runs = {"none": [], "zero": [f"{a}:0"], "half": [f"{a}:0.5"], "one": [str(a)], "both": [f"{a}:0.5", f"{b}:0.5"],
+            "mixed": [f"{a}:0.5", f"{b}:0"]}                                  # differing scales: fused one by one
+    for name, specs in runs.items():
+        argv = ["generate", "a red circle", "--model", str(sd), "--steps", "2", "-q", "-o", str(tmp_path/f"{name}.png")]
+        assert run(argv + [x for s in specs for x in ("--lora", s)], capsys)[0] == 0, name
+    im = {name: pixels(tmp_path/f"{name}.png") for name in runs}
+    pipe = StableDiffusionPipeline.from_pretrained(sd); pipe.load_lora_weights(a)
+    want = direct(pipe, "a red circle", num_inference_steps=2, cross_attention_kwargs={"scale": 0.5})
+    assert np.array_equal(im["half"], want)
+    assert np.array_equal(im["zero"], im["none"])                                 # scale 0: no LoRA, bit for bit
+    for x, y in (("half", "none"), ("one", "half"), ("both", "half")): assert np.abs(im[x] - im[y]).max() > 10, (x, y)
+    assert np.abs(im["mixed"] - im["half"]).max() <= 2                            # b at 0 adds nothing; a fused at 0.5
+
+def test_lora_spec():
+    assert lora_spec("style.safetensors") == ("style.safetensors", 1.0)
+    assert lora_spec("style.safetensors:0.75") == ("style.safetensors", 0.75)
+    assert lora_spec("style.safetensors:-1") == ("style.safetensors", -1.0)
+    assert lora_spec("C:\\loras\\style.safetensors") == ("C:\\loras\\style.safetensors", 1.0)   # a drive letter
+    for bad in ("style.safetensors:strong", "style.safetensors:inf", "style.safetensors:"):
+        with pytest.raises(Exception, match="not a number"): lora_spec(bad)
 
 # --- as a program: python -m, the console script, and torchrun ------------------------------------------------------
 
