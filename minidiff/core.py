@@ -49,6 +49,7 @@ def register_class(cls):
     if cls.__module__.startswith('minidiff.'): _REGISTRY[cls.__name__] = cls
     return cls
 
+# %% ../nbs/00_core.ipynb #84b587b1
 def register_to_config(init):
     "Decorate `__init__` so that its arguments (given or default) are stored in `self.config`."
     @functools.wraps(init)
@@ -78,8 +79,10 @@ def patch(f=None, *, cls_method=False, as_prop=False):
 class CheckpointNotFoundError(OSError):
     "A folder, Hub repo or file that a `from_pretrained` call needs could not be found."
 
+# %% ../nbs/00_core.ipynb #020f8795
 def _offline() -> bool: return os.environ.get('HF_HUB_OFFLINE', '0').upper() in ('1', 'ON', 'YES', 'TRUE')
 
+# %% ../nbs/00_core.ipynb #487ec970
 def _hub_hint(repo_id, cache_dir):
     return (f"Fix: pass the path of a local folder that holds the files; or download {repo_id!r} once with network "
             f"access (it is then read from the cache at {cache_dir or 'the default Hugging Face cache'}); or pass "
@@ -184,6 +187,7 @@ def load_config(cls: ConfigMixin, path_or_repo_id, subfolder=None, **hub_kwargs)
     try: return json.loads(f.read_text(encoding='utf-8'))
     except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON: {e}") from e
 
+# %% ../nbs/00_core.ipynb #12f4a653
 @patch
 def to_json_string(self: ConfigMixin) -> str:
     "The config as JSON: sorted keys, `_class_name` set, `_use_default_values` dropped."
@@ -191,6 +195,7 @@ def to_json_string(self: ConfigMixin) -> str:
     d = {'_diffusers_version': DIFFUSERS_VERSION, **d, '_class_name': type(self).__name__}
     return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
+# %% ../nbs/00_core.ipynb #49cf7c95
 @patch
 def save_config(self: ConfigMixin, save_directory):
     "Write the config to `save_directory/config_name`, recording `_class_name` and `_diffusers_version` in it too."
@@ -207,6 +212,7 @@ def check_generators(generator, # a `torch.Generator`, a list of them, or None
         raise ValueError(f"got {len(generator)} generators for {batch_size} images: "
                          "pass one generator or one per image")
 
+# %% ../nbs/00_core.ipynb #63955630
 def randn_tensor(shape, # (B, ...) shape of the noise
                  generator=None, # a `torch.Generator`, a list of them (one per batch item), or None
                  device=None, dtype=None):
@@ -229,6 +235,7 @@ def pt_to_numpy(images: torch.Tensor) -> np.ndarray:
     "(B, C, H, W) tensor in [0, 1] -> (B, H, W, C) float32 array."
     return images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
 
+# %% ../nbs/00_core.ipynb #44a6bcff
 def numpy_to_pil(images: np.ndarray) -> list:
     "(B, H, W, C) array in [0, 1] -> list of PIL images."
     if images.ndim == 3: images = images[None]
@@ -242,6 +249,7 @@ def grid_shape(n: int) -> tuple:
     rows = max(math.isqrt(n), 1)
     return rows, -(-n // rows)
 
+# %% ../nbs/00_core.ipynb #2521e792
 def image_grid(imgs, # PIL images, all of one size
                rows=None, cols=None) -> Image.Image:
     "Paste `imgs` into one `rows` x `cols` PIL image, row by row; with neither given, the most nearly square grid."

@@ -65,6 +65,7 @@ def posterior_std(alpha_bar_t, alpha_bar_prev, # 0-d tensors
 def _check_tensor(name, x):
     if not isinstance(x, torch.Tensor): raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
+# %% ../nbs/03_ddpm_scheduler.ipynb #208d1561
 class DDPMScheduler(SchedulerMixin):
     "The DDPM sampler (Ho et al. 2020), number for number as diffusers' `DDPMScheduler`."
     @register_to_config
@@ -185,6 +186,7 @@ def add_noise(self: DDPMScheduler, original_samples, # (B, C, H, W) clean x_0
     ab = self._alpha_bar_at(timesteps, original_samples)
     return ab ** 0.5 * original_samples + (1 - ab) ** 0.5 * noise
 
+# %% ../nbs/03_ddpm_scheduler.ipynb #f453ed5a
 @patch
 def get_velocity(self: DDPMScheduler, sample, noise, timesteps) -> torch.Tensor:
     "The `v_prediction` target `v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0`."

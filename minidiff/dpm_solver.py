@@ -183,6 +183,7 @@ def set_timesteps(self: DPMSolverMultistepScheduler, num_inference_steps=None, d
     self.num_inference_steps, self.model_outputs, self.lower_order_nums = len(timesteps), [None] * c.solver_order, 0
     self._step_index = self._begin_index = None
 
+# %% ../nbs/19_dpm_solver.ipynb #e00034fc
 @patch
 def add_noise(self: DPMSolverMultistepScheduler, original_samples, noise, timesteps) -> torch.Tensor:
     "The VP forward process `x_t = alpha_t x_0 + sigma_t noise`."

@@ -70,6 +70,7 @@ def _spaced_sigmas(self: EulerDiscreteScheduler, n, timesteps=None) -> tuple:
     sigma_last = train_sigmas[0] if c.final_sigmas_type == 'sigma_min' else 0
     return timesteps, np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
 
+# %% ../nbs/18_euler.ipynb #851f17c2
 @patch
 def set_timesteps(self: EulerDiscreteScheduler, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
     "Choose `num_inference_steps` sampling timesteps and their sigmas (plus the final sigma), or custom ones."

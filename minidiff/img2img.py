@@ -33,6 +33,7 @@ def _cut(h, w, height, width, factor):
     h, w = height or h, width or w
     return h - h % factor, w - w % factor
 
+# %% ../nbs/40_img2img.ipynb #307d334b
 def to_batch(image, factor=8, height=None, width=None, mode='RGB', name='image'):
     "Pictures as one float (B, C, H, W) tensor in [0, 1] (or as given), resized to multiples of `factor`."
     items = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -64,6 +65,7 @@ def check_strength(strength, num_inference_steps:int):
         raise ValueError(f"strength {strength} of {num_inference_steps} steps runs no denoising step "
                          f"(int({num_inference_steps} * {strength}) = 0): raise strength or num_inference_steps")
 
+# %% ../nbs/40_img2img.ipynb #e1bb0bda
 def get_timesteps(scheduler, num_inference_steps:int, strength:float):
     "diffusers' cut: the last `int(num_inference_steps * strength)` steps of the schedule, and how many they are."
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
@@ -80,10 +82,12 @@ def encode_image(vae, image, generator=None):
     else: lat = vae.encode(image).latent_dist.sample(generator)
     return vae.config.scaling_factor * lat
 
+# %% ../nbs/40_img2img.ipynb #b1587f64
 def check_batch(b:int, n:int, name='image'):
     "A batch of b pictures (or masks) can make n images if b divides n."
     if b > n or n % b: raise ValueError(f"got {b} {name}s for {n} images to make: pass one {name}, or one per image")
 
+# %% ../nbs/40_img2img.ipynb #e8850138
 def repeat_batch(x, n:int, name='image'):
     "`x` (b, ...) tiled to n items (b must divide n), as diffusers' image-to-image repeats a smaller batch."
     check_batch(x.shape[0], n, name)
@@ -93,6 +97,7 @@ def repeat_batch(x, n:int, name='image'):
 class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     "Image-to-image (SDEdit) with SD v1.x parts: the picture noised part-way, then the last steps of the loop."
 
+# %% ../nbs/40_img2img.ipynb #fb042452
 @patch
 def prepare_latents(self: StableDiffusionImg2ImgPipeline, image, timestep, n:int, dtype, generator=None):
     "The picture's latents noised to `timestep` with `add_noise`: (n, 4, h, w)."

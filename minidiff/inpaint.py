@@ -29,6 +29,7 @@ def _mask_items(mask) -> list:
         out.append(m)
     return out
 
+# %% ../nbs/41_inpaint.ipynb #431173d8
 def preprocess_mask(mask_image, factor=8, height=None, width=None):
     "The mask as diffusers prepares it: (B, 1, H, W) of 0 (keep) and 1 (repaint), H and W multiples of `factor`."
     m = to_batch(_mask_items(mask_image), factor, height, width, mode='L', name='mask_image')
@@ -66,6 +67,7 @@ def tile(x, n:int, name='image', always=False):
     check_batch(x.shape[0], n, name)
     return x.repeat(n // x.shape[0], 1, 1, 1) if always or x.shape[0] < n else x
 
+# %% ../nbs/41_inpaint.ipynb #2cdde733
 @patch
 def prepare_latents(self: StableDiffusionInpaintPipeline, image, timestep, shape, dtype, generator=None, latents=None,
                     strength_max=True):
@@ -78,6 +80,7 @@ def prepare_latents(self: StableDiffusionInpaintPipeline, image, timestep, shape
     if strength_max: return noise * self.scheduler.init_noise_sigma, noise, image_latents
     return self.scheduler.add_noise(image_latents, noise, timestep), noise, image_latents
 
+# %% ../nbs/41_inpaint.ipynb #8f141f90
 @patch
 def prepare_mask_latents(self: StableDiffusionInpaintPipeline, mask, masked_image, n, dtype, generator=None):
     "The mask at latent size and the masked picture's latents, repeated to n images (and doubled when guided)."

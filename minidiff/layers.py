@@ -22,6 +22,7 @@ class QuickGELU(nn.Module):
 ACTIVATIONS = {'silu': nn.SiLU, 'swish': nn.SiLU, 'mish': nn.Mish, 'gelu': nn.GELU, 'relu': nn.ReLU,
                'quick_gelu': QuickGELU}
 
+# %% ../nbs/04_layers.ipynb #c1400e1e
 def get_activation(name:str, key:str='act_fn') -> nn.Module:
     "The activation module a config names under `key` (`act_fn` in diffusers, `hidden_act` in transformers)."
     if name not in ACTIVATIONS: raise ValueError(f"unsupported {key} {name!r}: use one of {list(ACTIVATIONS)}")

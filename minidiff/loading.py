@@ -18,6 +18,7 @@ __all__ = ['LEGACY_ATTENTION_NAMES', 'CheckpointError', 'read_safetensors_header
 class CheckpointError(ValueError):
     "The weights do not match the model, or a weights file is corrupt."
 
+# %% ../nbs/01_loading.ipynb #2ed9d20a
 def read_safetensors_header(path) -> dict:
     "The JSON header of a safetensors file: tensor name -> dtype, shape, offsets."
     import json, struct
@@ -43,6 +44,7 @@ def weights_candidates(weights_name, variant=None, bin_name=None, use_safetensor
     st, pickle = named(weights_name, 'safetensors'), named(bin_name or weights_name, 'bin')
     return {None: [st, pickle], True: [st], False: [pickle]}[use_safetensors]
 
+# %% ../nbs/01_loading.ipynb #22118a5b
 def find_weights(path_or_repo_id, names, # file names to try, best first
                  subfolder=None, variant=None, **hub_kwargs) -> Path:
     "Local path of the first of `names` that exists in the folder or repo."
@@ -134,6 +136,7 @@ def load_checked_state_dict(self: ModelMixin, state_dict, source='the checkpoint
     if left: raise CheckpointError(f"{type(self).__name__} has tensors that {source} did not fill: {left[:10]}")
     return self
 
+# %% ../nbs/01_loading.ipynb #b2db9225
 @patch
 def save_pretrained(self: ModelMixin, save_directory, variant=None):
     "Write `config.json` and the weights as safetensors (`name.variant.safetensors` with a variant)."

@@ -51,6 +51,7 @@ def fuse(self:LoRALayer, scale:float=1.0):
         w.data += (delta * (ratio * scale)).to(w)
         self.fused.add(name)
 
+# %% ../nbs/51_lora.ipynb #e11e933c
 @patch
 def unfuse(self:LoRALayer):
     "Restore the weight saved by `fuse`, bit for bit."
@@ -79,6 +80,7 @@ def lora_targets(model:nn.Module) -> dict:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     return {**layers, **{n.replace('.', '_'): m for n, m in layers.items()}}
 
+# %% ../nbs/51_lora.ipynb #d2852d02
 def check_pair(name, layer, down, up) -> str|None:
     "Why `down`/`up` cannot adapt `layer` (shapes), or None."
     conv = isinstance(layer, nn.Conv2d)
@@ -96,6 +98,7 @@ def metadata_alpha(meta:dict, part:str, name:str):
         if re.search(rf'(^|\.){pattern}$', name): return a
     return meta.get(f'{part}.lora_alpha')
 
+# %% ../nbs/51_lora.ipynb #6a3bc94e
 def read_lora(path) -> tuple:
     "(state dict, adapter metadata) of a LoRA file; a folder means its `pytorch_lora_weights.safetensors`."
     path = Path(path)
@@ -135,6 +138,7 @@ def lora_layers(pipe) -> list:
     return [m._lora for p in LORA_PARTS if getattr(pipe, p, None) is not None
             for m in getattr(pipe, p).modules() if hasattr(m, '_lora')]
 
+# %% ../nbs/51_lora.ipynb #edbf50f6
 @patch
 def get_active_adapters(self:StableDiffusionPipeline) -> list:
     "Names of the loaded adapters, in loading order."
@@ -164,6 +168,7 @@ def set_lora_scale(self:StableDiffusionPipeline, scale:float=1.0):
     "The LoRA `scale` of every unfused adapter (diffusers: `cross_attention_kwargs={'scale': scale}`)."
     for l in lora_layers(self): l.scale = scale
 
+# %% ../nbs/51_lora.ipynb #1494a343
 @contextlib.contextmanager
 def scaled_lora(pipe, scale:float|None=None):
     "Run a block with the LoRA scale of `pipe` set to `scale` (None: leave it), then set it back to 1."
@@ -171,6 +176,7 @@ def scaled_lora(pipe, scale:float|None=None):
     try: yield pipe
     finally: pipe.set_lora_scale(1.0)
 
+# %% ../nbs/51_lora.ipynb #62a3dfb1
 @patch
 def lora_scale(self:StableDiffusionPipeline, scale:float|None=None):
     "`with pipe.lora_scale(0.5): ...` runs the block at that LoRA scale."
@@ -183,12 +189,14 @@ def fuse_lora(self:StableDiffusionPipeline, lora_scale:float=1.0, components=LOR
     for l in lora_layers(self):
         if any(l.layer is m for p in components for m in getattr(self, p).modules()): l.fuse(lora_scale)
 
+# %% ../nbs/51_lora.ipynb #57fc50be
 @patch
 def unfuse_lora(self:StableDiffusionPipeline, components=LORA_PARTS):
     "Restore the weights from before `fuse_lora`, bit for bit; the adapters work through their hooks again."
     for l in lora_layers(self):
         if any(l.layer is m for p in components for m in getattr(self, p).modules()): l.unfuse()
 
+# %% ../nbs/51_lora.ipynb #8ccc2840
 @patch
 def unload_lora_weights(self:StableDiffusionPipeline):
     "Remove every adapter and hook; fused updates stay in the weights (diffusers' fuse-then-unload recipe)."

@@ -20,12 +20,14 @@ __all__ = ['NOT_LOADED', 'logger', 'OUTPUT_TYPES', 'DiffusionPipeline', 'ImagePi
 NOT_LOADED = {'StableDiffusionSafetyChecker', 'CLIPImageProcessor', 'CLIPFeatureExtractor'}  # parts minidiff skips
 logger = logging.getLogger(__name__)
 
+# %% ../nbs/06_pipeline.ipynb #0d3a99b4
 def _component_class(name, cls_name):
     "The minidiff class called `cls_name` (as named in model_index.json)."
     if cls_name not in _REGISTRY:
         raise ValueError(f"model_index.json asks for {cls_name} as {name!r}, which minidiff does not implement")
     return _REGISTRY[cls_name]
 
+# %% ../nbs/06_pipeline.ipynb #57d12313
 def _marker_file(cls):
     "A file that every saved part of class `cls` has (to find its subfolder)."
     return getattr(cls, 'config_name', None) or 'tokenizer_config.json'
@@ -109,8 +111,10 @@ class ImagePipelineOutput(BaseOutput):
     "What image pipelines return: `images` as PIL images, an (B, H, W, 3) array or a (B, 3, H, W) tensor."
     images: object
 
+# %% ../nbs/06_pipeline.ipynb #0f02a484
 OUTPUT_TYPES = ('pil', 'np', 'pt')
 
+# %% ../nbs/06_pipeline.ipynb #fee792c0
 def postprocess(image, # (B, C, H, W) in [-1, 1]
                 output_type='pil'):
     "Map model space `[-1, 1]` to pictures of the requested `output_type`."

@@ -29,6 +29,7 @@ def pndm_timesteps(num_inference_steps, num_train_timesteps=1000, timestep_spaci
     ts = spaced_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset)
     return ts.round().astype(np.int64)[::-1].copy()
 
+# %% ../nbs/12_pndm.ipynb #944542e3
 def pndm_step_timesteps(base, num_inference_steps, num_train_timesteps=1000, skip_prk_steps=True):
     "The (PRK, PLMS) timesteps, descending, that the model is called at."
     if skip_prk_steps:

@@ -41,12 +41,14 @@ def set_determinism(settings: dict):
     torch.backends.cuda.matmul.allow_tf32 = settings['matmul_tf32']       # TF32 rounds float32 matmuls to 10 bits
     torch.backends.cudnn.allow_tf32 = settings['cudnn_tf32']
 
+# %% ../nbs/31_reproducibility.ipynb #c303e69b
 def enable_full_determinism(warn_only=False) -> dict:
     "Make torch use deterministic kernels (as diffusers' `enable_full_determinism`); return the settings it replaced."
     previous = determinism_settings()
     set_determinism({**FULL_DETERMINISM, 'warn_only': warn_only})
     return previous
 
+# %% ../nbs/31_reproducibility.ipynb #dd63ef7c
 def disable_full_determinism(previous: dict | None = None):
     "Restore `previous` (what `enable_full_determinism` returned), else torch's defaults."
     set_determinism(previous or TORCH_DEFAULTS)

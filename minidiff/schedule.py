@@ -52,10 +52,12 @@ def rescale_zero_terminal_snr(betas):
 TIMESTEP_SPACINGS = ('leading', 'linspace', 'trailing')
 PREDICTION_TYPES = ('epsilon', 'sample', 'v_prediction')
 
+# %% ../nbs/02_schedule.ipynb #110ef0ce
 def check_choice(name, value, choices):
     "Raise a `ValueError` naming `name` and `value` when `value` is not one of `choices`."
     if value not in choices: raise ValueError(f"unknown {name} {value!r}: use one of {tuple(choices)}")
 
+# %% ../nbs/02_schedule.ipynb #023215c0
 def check_num_inference_steps(n, # the requested number of sampling steps
                               num_train_timesteps): # T, the most steps there can be
     "Raise a `TypeError` unless `n` is an int, a `ValueError` unless `1 <= n <= num_train_timesteps`."
@@ -108,10 +110,12 @@ def train_schedule(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, b
     if rescale_betas_zero_snr and terminal_alpha_bar is not None: alphas_cumprod[-1] = terminal_alpha_bar
     return betas, alphas_cumprod
 
+# %% ../nbs/02_schedule.ipynb #79eb8bbc
 def sigmas_from_alphas_cumprod(alphas_cumprod): # (T,) float32 alpha_bar
     "The EDM noise levels `sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`, (T,) float32."
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
+# %% ../nbs/02_schedule.ipynb #b55b3954
 def sigmas_at(alphas_cumprod, # (T,) float32 alpha_bar
               timesteps) -> np.ndarray: # (n,) possibly fractional timesteps
     "`sigma_t` linearly interpolated at `timesteps` (float64)."
@@ -124,6 +128,7 @@ def sigma_to_alpha_sigma_t(sigma): # EDM sigma = sigma_t / alpha_t (tensor)
     alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
     return alpha_t, sigma * alpha_t
 
+# %% ../nbs/02_schedule.ipynb #62cfce61
 def sigma_to_lambda(sigma): # EDM sigma (tensor)
     "The half log-SNR `lambda = log(alpha_t) - log(sigma_t)`; `inf` at `sigma = 0`."
     alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
@@ -164,6 +169,7 @@ def karras_sigmas(sigma_min, sigma_max, n, rho=7.0) -> np.ndarray:
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
+# %% ../nbs/02_schedule.ipynb #b17f90a7
 def sigma_to_t(sigma, # (n,) noise levels
                log_sigmas): # (T,) log of the training sigmas, low to high
     "The fractional training timesteps of `sigma`, interpolating linearly in log sigma."
@@ -173,6 +179,7 @@ def sigma_to_t(sigma, # (n,) noise levels
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
+# %% ../nbs/02_schedule.ipynb #f534e456
 def config_or(config, key, default):
     "`config[key]` when the config has the key and it is not `None`, else `default`."
     value = config.get(key)
@@ -210,6 +217,7 @@ def beta_ppf(u, a, b) -> np.ndarray:
         lo, hi = np.where(cdf < u, x, lo), np.where(cdf < u, hi, x)
     return np.where(u <= 0, 0.0, np.where(u >= 1, 1.0, (lo + hi) / 2))
 
+# %% ../nbs/02_schedule.ipynb #40eb2796
 def beta_sigmas(sigma_min, sigma_max, n, alpha=0.6, beta=0.6) -> np.ndarray:
     "Lee et al. (2024): `n` sigmas from `sigma_max` to `sigma_min` at the Beta(alpha, beta) quantiles."
     return sigma_min + beta_ppf(1 - np.linspace(0, 1, n), alpha, beta) * (sigma_max - sigma_min)
@@ -224,6 +232,7 @@ def sigma_spacing(config):
     if len(chosen) > 1: raise ValueError(f"only one of {', '.join(SIGMA_SPACINGS)} can be True, got {chosen}")
     return SIGMA_SPACINGS[chosen[0]] if chosen else None
 
+# %% ../nbs/02_schedule.ipynb #6d0e67c7
 def schedule_length(num_inference_steps, config, timesteps=None, sigmas=None, # custom schedule, at most one
                     no_custom_timesteps=tuple(SIGMA_SPACINGS)) -> int: # config keys that rule out custom timesteps
     "The step count of `set_timesteps(n)`, `(timesteps=ts)` or `(sigmas=s)` (`s` ends with the final sigma)."
@@ -344,6 +353,7 @@ def scheduler_loop(scheduler, num_inference_steps, sample, # (B, C, H, W) starti
         xs.append(x)
     return scheduler.timesteps.clone(), xs
 
+# %% ../nbs/02_schedule.ipynb #3688d84f
 def toy_model_fn(x, t):
     "A deterministic stand-in for a UNet, as in diffusers' scheduler tests: `x * t / (t + 1)`."
     return x * t / (t + 1)

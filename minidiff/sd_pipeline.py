@@ -25,6 +25,7 @@ def _prompt_list(prompt, name='prompt'):
     if not prompts: raise ValueError(f"{name} is an empty list")
     return list(prompts)
 
+# %% ../nbs/15_sd_pipeline.ipynb #ae49a793
 def negative_prompts(negative_prompt, n:int) -> list:
     "One negative prompt per prompt (`''` by default, a single string repeated), or an error naming the mismatch."
     if negative_prompt is None: return [""] * n
@@ -35,6 +36,7 @@ def negative_prompts(negative_prompt, n:int) -> list:
                          f"for {n} prompts")
     return negs
 
+# %% ../nbs/15_sd_pipeline.ipynb #8bb149aa
 def check_sd_inputs(n_prompts, negative_prompt, height, width, factor, num_images_per_prompt):
     "Raise a clear error for sizes (None: not checked here) and prompt/negative-prompt mismatches."
     for name, v in (('height', height), ('width', width)):
@@ -47,6 +49,7 @@ def check_sd_inputs(n_prompts, negative_prompt, height, width, factor, num_image
 # %% ../nbs/15_sd_pipeline.ipynb #5392eea0
 def _shape(e): return tuple(e.shape) if torch.is_tensor(e) else type(e).__name__
 
+# %% ../nbs/15_sd_pipeline.ipynb #3e344f4b
 def check_embeds(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
     "diffusers' rules for text or embeddings; return the number of prompts."
     if (prompt is None) == (prompt_embeds is None):
@@ -89,6 +92,7 @@ class StableDiffusionPipelineOutput(BaseOutput):
     images: object
     nsfw_content_detected: object = None
 
+# %% ../nbs/15_sd_pipeline.ipynb #9b10e3d8
 def _step_kwargs(scheduler, generator, eta):
     ps = inspect.signature(scheduler.step).parameters
     return {**({'eta': eta} if 'eta' in ps else {}), **({'generator': generator} if 'generator' in ps else {})}
@@ -153,6 +157,7 @@ def encode_prompt(self: StableDiffusionPipeline, prompt, device, num_images_per_
     negs = negative_prompts(negative_prompt, emb.shape[0] // n)
     return emb, encode_prompts(self.tokenizer, self.text_encoder, negs, n, device, max_length=emb.shape[1])
 
+# %% ../nbs/15_sd_pipeline.ipynb #1deb1909
 @patch
 def _embeddings(self: StableDiffusionPipeline, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, n_per):
     "The UNet's conditioning (`[negative, text]` when guided) and the negative embeddings."
@@ -168,6 +173,7 @@ def check_finite(latents, step:int, t):
                                  f"{int(t)}) in {latents.dtype}; float16 can overflow: load the pipeline with "
                                  "torch_dtype=torch.float32 or torch.bfloat16")
 
+# %% ../nbs/15_sd_pipeline.ipynb #ecc55ad4
 @patch
 def predict_noise(self: StableDiffusionPipeline, state:dict, t):
     "The guided (and rescaled) noise prediction (B, 4, h, w) for `state['latents']` at timestep `t`."
@@ -200,6 +206,7 @@ def denoise(self: StableDiffusionPipeline, latents, timesteps, prompt_embeds, ne
         check_finite(state['latents'], i, t)
     return state['latents']
 
+# %% ../nbs/15_sd_pipeline.ipynb #2f163662
 @patch
 def _output(self: StableDiffusionPipeline, latents, output_type, return_dict):
     "Decode (unless `output_type='latent'`) and wrap, as diffusers does."

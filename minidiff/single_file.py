@@ -125,6 +125,7 @@ def text_encoder_keys(sd:dict) -> dict:
     sd = {k if k.startswith(pre + 'text_model.') else pre + 'text_model.' + k[len(pre):]: v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if not k.endswith('.embeddings.position_ids')}
 
+# %% ../nbs/50_single_file.ipynb #74679458
 def load_original(model, part:str, state_dict:dict, # original keys, prefix included, of this part only
                   source='the checkpoint', dtype=None):
     "Load original-layout weights into `model` (built on the meta device), strictly."
@@ -197,6 +198,7 @@ def part_config(part:str, config=None, name='config.json') -> dict:
     sub = part if resolve_file(config, name, part, required=False) is not None else None
     return json.loads(resolve_file(config, name, sub).read_text())
 
+# %% ../nbs/50_single_file.ipynb #07bd5f5f
 def single_file_tokenizer(config=None) -> CLIPTokenizer:
     "The tokenizer of the `config` folder/repo when it has one, else CLIP's from OpenAI's BPE file."
     folder = config is not None and not isinstance(config, dict)

@@ -88,6 +88,7 @@ class CLIPEncoderLayer(nn.Module):
         h = h + self.self_attn(self.layer_norm1(h), mask)    # (B, L, D)
         return h + self.mlp(self.layer_norm2(h))             # (B, L, D)
 
+# %% ../nbs/08_text_encoder.ipynb #bf2c82e4
 class CLIPEncoder(nn.Module):
     "The stack of `num_hidden_layers` encoder layers (`encoder.layers.{i}`)."
     def __init__(self, num_hidden_layers, **layer_kwargs):
@@ -109,6 +110,7 @@ class BaseModelOutputWithPooling(BaseOutput):
     pooler_output: torch.Tensor = None      # (B, D) the state at each prompt's EOS token
     hidden_states: tuple = None             # num_hidden_layers + 1 states (B, L, D), with output_hidden_states=True
 
+# %% ../nbs/08_text_encoder.ipynb #953df5c9
 def eos_positions(input_ids, # (B, L) token ids
                   eos_token_id): # config.eos_token_id; the legacy value 2 means "the largest id"
     "Position of each prompt's EOS token, chosen exactly as transformers' `CLIPTextModel` chooses it."

@@ -93,8 +93,10 @@ def added_token(content: str, normalized=True) -> dict:
 SD_SPECIAL_TOKENS = dict(bos_token=added_token(BOS_TOKEN), eos_token=added_token(EOS_TOKEN), pad_token=EOS_TOKEN,
                          unk_token=added_token(EOS_TOKEN))  # as in SD v1's tokenizer/tokenizer_config.json
 
+# %% ../nbs/07_tokenizer.ipynb #232a384b
 def _content(token) -> str: return token["content"] if isinstance(token, dict) else token
 
+# %% ../nbs/07_tokenizer.ipynb #0e894765
 def _splitter(tokens):
     "Regex that splits text around any of `tokens` (kept, at odd positions), or None."
     return regex.compile("(" + "|".join(map(regex.escape, tokens)) + ")") if tokens else None
@@ -148,10 +150,12 @@ def _word_ids(self: CLIPTokenizer, word: str) -> list[int]:
         ids = self.cache[word] = [self.encoder[s] for s in bpe(chars, self.ranks)]
     return ids
 
+# %% ../nbs/07_tokenizer.ipynb #91a01df0
 def _split_special(pattern, text):
     "(stretch, is_special) pairs of `text` split around the special tokens `pattern` matches."
     return [(p, i % 2 == 1) for i, p in enumerate(pattern.split(text) if pattern else [text]) if p]
 
+# %% ../nbs/07_tokenizer.ipynb #2e8f157b
 @patch
 def _text_ids(self: CLIPTokenizer, text) -> list[int]:
     "Ids of a text without BOS/EOS: special tokens, then clean, pre-tokenise and BPE each stretch."
@@ -170,12 +174,14 @@ def tokenize(self: CLIPTokenizer, text: str) -> list[str]:
     "Token strings of `text` (no BOS/EOS)."
     return [self.decoder[i] for i in self._text_ids(text)]
 
+# %% ../nbs/07_tokenizer.ipynb #8546fe38
 @patch
 def convert_tokens_to_ids(self: CLIPTokenizer, tokens):
     "Id of a token (or list of ids of tokens); unknown tokens give the unk id."
     if isinstance(tokens, str): return self.encoder.get(tokens, self.encoder[self.unk_token])
     return [self.convert_tokens_to_ids(t) for t in tokens]
 
+# %% ../nbs/07_tokenizer.ipynb #4060c57b
 @patch
 def convert_ids_to_tokens(self: CLIPTokenizer, ids):
     "Token string of an id (or list of ids)."
@@ -188,6 +194,7 @@ def read_merges(path) -> list[tuple[str, str]]:
     lines = Path(path).read_text(encoding="utf-8").split("\n")
     return [tuple(l.split()) for l in lines if l.strip() and not l.startswith("#version")]
 
+# %% ../nbs/07_tokenizer.ipynb #a88357f5
 @patch(cls_method=True)
 def from_pretrained(cls: CLIPTokenizer, pretrained_model_name_or_path, subfolder=None, *, revision=None, cache_dir=None,
                     local_files_only=None, torch_dtype=None, variant=None, # no weights: ignored
@@ -205,6 +212,7 @@ def from_pretrained(cls: CLIPTokenizer, pretrained_model_name_or_path, subfolder
     max_length = settings.get("model_max_length", MODEL_MAX_LENGTH)
     return cls(vocab, merges, **{"model_max_length": max_length, **tokens, **kwargs})
 
+# %% ../nbs/07_tokenizer.ipynb #45f32a2d
 @patch(cls_method=True)
 def from_bpe_file(cls: CLIPTokenizer, path=None, **kwargs):
     "The tokenizer from OpenAI's `bpe_simple_vocab_16e6.txt.gz` (found in installed packages when `path` is None)."
@@ -246,6 +254,7 @@ class TokenizerOutput(BaseOutput):
     input_ids: list | torch.Tensor = None
     attention_mask: list | torch.Tensor = None
 
+# %% ../nbs/07_tokenizer.ipynb #1b2f792d
 PADDINGS = (False, True, "longest", "max_length", "do_not_pad")
 
 @patch
@@ -273,6 +282,7 @@ def _warn_truncated(self: CLIPTokenizer, full: list[list[int]], kept: list[list[
     if dropped: warnings.warn(f"The following part of your input was truncated because CLIP can only handle "
                               f"sequences up to {max_length} tokens: {dropped}", stacklevel=3)
 
+# %% ../nbs/07_tokenizer.ipynb #c6458a93
 @patch
 def __call__(self: CLIPTokenizer, text, padding=False, max_length=None, truncation=False, return_tensors=None):
     "Tokenise a prompt or a list of prompts -> `TokenizerOutput(input_ids, attention_mask)`."
@@ -302,6 +312,7 @@ def _check_ids(self: CLIPTokenizer, ids) -> list[int]:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{len(self.decoder) - 1})")
     return ids
 
+# %% ../nbs/07_tokenizer.ipynb #5172b9e1
 @patch
 def decode(self: CLIPTokenizer, ids, skip_special_tokens=False) -> str:
     "Text of a sequence of ids (a list or 1-d tensor)."
@@ -311,6 +322,7 @@ def decode(self: CLIPTokenizer, ids, skip_special_tokens=False) -> str:
     raw = bytes(self.byte_decoder[c] for c in text if c in self.byte_decoder)
     return raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
 
+# %% ../nbs/07_tokenizer.ipynb #2d6e260d
 @patch
 def batch_decode(self: CLIPTokenizer, sequences, skip_special_tokens=False) -> list[str]:
     "Text of each id sequence (a list of lists or a 2-d tensor)."

@@ -31,6 +31,7 @@ class GEGLU(nn.Module):
         gate = F.gelu(gate)
         return gate * hidden_states if gate.requires_grad else gate.mul_(hidden_states)   # (B, L, 4C)
 
+# %% ../nbs/10_unet_condition.ipynb #13de6e51
 class FeedForward(nn.Module):
     "The transformer block's MLP: `net.0` GEGLU to `mult * dim`, `net.1` dropout, `net.2` linear back to `dim`."
     def __init__(self, dim:int, mult:int=4, dropout:float=0.0):

@@ -75,6 +75,7 @@ def flow_alpha_sigma_t(sigma): # flow-matching noise level in [0, 1]
     "The coefficients `(alpha_t, sigma_t) = (1 - sigma, sigma)` of the flow-matching path."
     return 1 - sigma, sigma
 
+# %% ../nbs/11_unipc.ipynb #51d4635b
 def flow_sigmas(n, num_train_timesteps=1000, shift=1.0, sigmas=None) -> np.ndarray:
     "`n` flow sigmas from 1 down to `1/T` (or the given `sigmas`), shifted: `shift s / (1 + (shift - 1) s)`."
     s = np.linspace(1, 1 / num_train_timesteps, n + 1)[:-1] if sigmas is None else np.array(sigmas)

@@ -149,6 +149,7 @@ class AutoencoderKLOutput(BaseOutput):
     "What `encode` returns: the posterior over latents."
     latent_dist: DiagonalGaussianDistribution
 
+# %% ../nbs/14_vae.ipynb #de0b9a34
 @dataclass
 class DecoderOutput(BaseOutput):
     "What `decode` and `forward` return: the decoded images."
@@ -165,6 +166,7 @@ def check_input(x, # the tensor passed to encode or decode
     if x.shape[-2] % multiple or x.shape[-1] % multiple:
         raise ValueError(f"{what} with height and width multiples of {multiple}, got {x.shape[-2]}x{x.shape[-1]}")
 
+# %% ../nbs/14_vae.ipynb #2ed8b80d
 def per_image(fn, x, sliced:bool):
     "`fn(x)`, or with `sliced` `fn` of one image at a time, concatenated (same numbers, less memory)."
     return torch.cat([fn(s) for s in x.split(1)]) if sliced and x.shape[0] > 1 else fn(x)
@@ -259,9 +261,12 @@ def tiled(fn, # maps a tile (B, C, size, size) to an output tile (B, C', t, t)
 # %% ../nbs/14_vae.ipynb #11836500
 @patch
 def enable_tiling(self:AutoencoderKL): self.use_tiling = True
+
+# %% ../nbs/14_vae.ipynb #39f1254d
 @patch
 def disable_tiling(self:AutoencoderKL): self.use_tiling = False
 
+# %% ../nbs/14_vae.ipynb #cb7bf9c9
 @patch
 def _tiled_encode(self:AutoencoderKL, x): # (B, C_in, H, W) images larger than a tile
     "Moments (B, 2 * latent, H/8, W/8) from overlapping image tiles, as diffusers' `_tiled_encode`."
@@ -270,6 +275,7 @@ def _tiled_encode(self:AutoencoderKL, x): # (B, C_in, H, W) images larger than a
     encode = lambda t: self.encoder(t) if self.quant_conv is None else self.quant_conv(self.encoder(t))
     return tiled(encode, x, size, int(size * (1 - f)), extent, self.tile_latent_min_size - extent)
 
+# %% ../nbs/14_vae.ipynb #8b53d878
 @patch
 def _tiled_decode(self:AutoencoderKL, z): # (B, latent, h, w) latents larger than a tile
     "Images (B, C_out, 8h, 8w) from overlapping latent tiles, as diffusers' `tiled_decode`."
@@ -278,6 +284,7 @@ def _tiled_decode(self:AutoencoderKL, z): # (B, latent, h, w) latents larger tha
     decode = lambda t: self.decoder(t if self.post_quant_conv is None else self.post_quant_conv(t))
     return tiled(decode, z, size, int(size * (1 - f)), extent, self.tile_sample_min_size - extent)
 
+# %% ../nbs/14_vae.ipynb #0ec6153f
 @patch
 def tiled_decode(self:AutoencoderKL, z, return_dict:bool=True):
     "Decode `z` in tiles whatever its size (diffusers' public name)."
@@ -293,6 +300,7 @@ def decode_float32(self:AutoencoderKL, z): # (B, latent, h, w) latents in any dt
     try: return per_image(self._decode, z.float(), self.use_slicing)        # (B, C_out, H, W) float32
     finally: self.to(dtype)
 
+# %% ../nbs/14_vae.ipynb #99c25ba8
 @patch
 def upcast_if_needed(self:AutoencoderKL, z, images, upcast:bool=None): # None: config.force_upcast
     "`images`, or if that half-precision decode of `z` is not finite and `upcast`, the float32 decode in its dtype."
