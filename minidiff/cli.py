@@ -54,6 +54,7 @@ class UsageError(ValueError):
     "A bad command-line argument found after parsing; `main` reports it as argparse does: one line, exit status 2."
     def __init__(self, arg, msg): super().__init__(f"argument {arg}: {msg}")
 
+# %% ../nbs/90_cli.ipynb #990c56be
 class Parser(argparse.ArgumentParser):
     "argparse whose errors are one line, `prog: error: message (see prog --help)`, and exit status 2."
     def error(self, message):
@@ -66,12 +67,14 @@ def positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s!r}")
     return int(s)
 
+# %% ../nbs/90_cli.ipynb #bca16992
 def seed_int(s: str) -> int:
     "argparse type: a seed from 0 to 2**63 - 1 (image k is seeded seed + k, which must fit torch's 64 bits)."
     if not s.strip().lstrip('+').isdigit() or int(s) >= 2**63:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1, got {s!r}")
     return int(s)
 
+# %% ../nbs/90_cli.ipynb #d5b88484
 def image_size(s: str) -> int:
     "argparse type: a size in pixels, a positive multiple of 8 (SD's VAE downsamples by 8)."
     v = positive_int(s)
@@ -115,6 +118,7 @@ def is_single_file(model) -> bool:
     "Whether `model` names a single-file checkpoint (`.safetensors`/`.ckpt`) rather than a folder or Hub repo id."
     return model is not None and Path(str(model)).suffix.lower() in SINGLE_FILE_SUFFIXES and not Path(model).is_dir()
 
+# %% ../nbs/90_cli.ipynb #5d0b726c
 def load_pipeline(cls, model=None, default=MICRO_SD, dtype='float32', device='cpu', config=None):
     "`cls` from `model` (folder, Hub repo id or single file; default: the shipped micro model) on `device`."
     if model is None and not Path(default).is_dir():
@@ -156,6 +160,7 @@ def unit_float(s: str) -> float:
     if not 0 <= v <= 1: raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {s!r}")
     return v
 
+# %% ../nbs/90_cli.ipynb #a7339f0d
 def read_picture(path, arg='--image', mode='RGB') -> Image.Image:
     "The picture at `path` converted to `mode` ('L' for a mask), or a UsageError naming `arg`."
     try:
@@ -196,6 +201,7 @@ def lora_spec(s: str) -> tuple:
     if not math.isfinite(v): raise argparse.ArgumentTypeError(f"scale {scale!r} of {s!r} is not a number (FILE:SCALE)")
     return path, v
 
+# %% ../nbs/90_cli.ipynb #60282f5b
 def check_lora(path):
     "Before the model loads: `path` is a readable file holding LoRA keys (kohya or diffusers), else a UsageError."
     try: sd, _ = read_lora(path)
@@ -226,10 +232,12 @@ def read_prompts(path) -> list:
     if not prompts: raise UsageError('--prompts-file', f"{str(path)!r} holds no prompt (one per line)")
     return prompts
 
+# %% ../nbs/90_cli.ipynb #3459984b
 def dist_env() -> tuple:
     "(rank, world_size, local_rank) from the variables torchrun sets; (0, 1, 0) in a plain run."
     return tuple(int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('WORLD_SIZE', 1), ('LOCAL_RANK', 0)))
 
+# %% ../nbs/90_cli.ipynb #5f59c4fa
 def my_share(items, rank=0, world_size=1) -> list:
     "The items process `rank` of `world_size` takes: those at positions i with i % world_size == rank."
     return [x for i, x in enumerate(items) if i % world_size == rank]
@@ -245,6 +253,7 @@ def generate_many(pipe, prompts, out_dir, seed=0, rank=0, world_size=1, progress
         generate(pipe, prompt, seed=seed + line, **kwargs)[0].save(paths[-1])
     return paths
 
+# %% ../nbs/90_cli.ipynb #737883e4
 def run_distributed(fn, device):
     "`fn(rank, world_size)` in the process group torchrun describes (gloo on CPU, NCCL on CUDA), or alone."
     rank, world_size, _ = dist_env()
@@ -327,6 +336,7 @@ def _ddpm_parser(sub):
     _model_args(d, 'micro DDPM, 32x32', steps=50)
     d.set_defaults(run=run_ddpm, parser=d)
 
+# %% ../nbs/90_cli.ipynb #b4f109f5
 def build_parser() -> Parser:
     "The `minidiff` parser: the `generate` and `ddpm` jobs."
     p = Parser(prog='minidiff', description='Diffusion image generation built from scratch: offline by default.',
@@ -392,6 +402,7 @@ def run_ddpm(a) -> int:
     print(f"wrote {a.output}")
     return 0
 
+# %% ../nbs/90_cli.ipynb #193ce9f8
 def main(argv=None) -> int:
     "Entry point of the `minidiff` command; a bad argument ends in one line on stderr and SystemExit(2)."
     a = build_parser().parse_args(argv)
