@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from .core import ConfigMixin, resolve_file, CheckpointNotFoundError, patch
 
 # %% auto #0
-__all__ = ['LEGACY_ATTENTION_NAMES', 'CheckpointError', 'read_safetensors_header', 'load_weights_file', 'weights_candidates',
-           'find_weights', 'fix_legacy_keys', 'to_legacy_keys', 'check_state_dict', 'ModelMixin']
+__all__ = ['LEGACY_ATTENTION_NAMES', 'CheckpointError', 'read_safetensors_header', 'load_weights_file', 'VariantNotFoundError',
+           'weights_candidates', 'find_weights', 'fix_legacy_keys', 'to_legacy_keys', 'check_state_dict', 'ModelMixin']
 
 # %% ../nbs/01_loading.ipynb #0f102d1f
 class CheckpointError(ValueError):
@@ -38,6 +38,9 @@ def load_weights_file(path) -> dict:
                               f"({type(e).__name__}: {str(e)[:200]})") from e
 
 # %% ../nbs/01_loading.ipynb #67219fc2
+class VariantNotFoundError(CheckpointNotFoundError, ValueError):
+    "The folder or repo has no weights of the requested `variant` (a `ValueError` too, as diffusers raises)."
+
 def weights_candidates(weights_name, variant=None, bin_name=None, use_safetensors=None) -> list:
     "File names to try, best first: `name[.variant].safetensors`, then `bin_name[.variant].bin`."
     def named(stem, ext): return f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
@@ -52,10 +55,11 @@ def find_weights(path_or_repo_id, names, # file names to try, best first
         f = resolve_file(path_or_repo_id, n, subfolder, required=False, **hub_kwargs)
         if f is not None: return f
     where = f"{path_or_repo_id}" + (f" (subfolder {subfolder!r})" if subfolder else "")
-    hint = f" The folder/repo may not have the {variant!r} variant: try variant=None." if variant else ""
-    raise CheckpointNotFoundError(f"No weights file in {where}: looked for {', '.join(names)}.{hint} "
-                                  "If it is a Hub repo, it may be missing from the cache while offline "
-                                  "(HF_HUB_OFFLINE).")
+    found = f"No weights file in {where}: looked for {', '.join(names)}."
+    offline = " If it is a Hub repo, it may be missing from the cache while offline (HF_HUB_OFFLINE)."
+    if not variant: raise CheckpointNotFoundError(found + offline)
+    raise VariantNotFoundError(f"You are trying to load the model files of the `variant={variant}`, but no such modeling "
+                               f"files are available. {found} Try variant=None.{offline}")
 
 # %% ../nbs/01_loading.ipynb #2770fae6
 LEGACY_ATTENTION_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
@@ -138,8 +142,10 @@ def load_checked_state_dict(self: ModelMixin, state_dict, source='the checkpoint
 
 # %% ../nbs/01_loading.ipynb #b2db9225
 @patch
-def save_pretrained(self: ModelMixin, save_directory, variant=None):
-    "Write `config.json` and the weights as safetensors (`name.variant.safetensors` with a variant)."
+def save_pretrained(self: ModelMixin, save_directory, variant=None, safe_serialization=True):
+    "Write `config.json` and the weights: safetensors, or a `.bin` when not `safe_serialization` (`name.variant.ext`)."
     p = Path(save_directory); self.save_config(p)
     sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-    save_file(sd, str(p/weights_candidates(self.weights_name, variant)[0]), metadata={'format': 'pt'})
+    f = p/weights_candidates(self.weights_name, variant, self.bin_weights_name, bool(safe_serialization))[0]
+    if safe_serialization: save_file(sd, str(f), metadata={'format': 'pt'})
+    else: torch.save(sd, f)

@@ -45,6 +45,7 @@ def _library(part): return 'transformers' if type(part).__name__.startswith('CLI
 # %% ../nbs/06_pipeline.ipynb #5b0daf5f
 class DiffusionPipeline:
     "Base of minidiff pipelines: load parts from `model_index.json`, move them, save them."
+    _optional_components = []   # parts a folder may leave out (`None` in model_index.json)
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         register_class(cls)
@@ -75,7 +76,7 @@ class DiffusionPipeline:
 @patch(cls_method=True)
 def from_pretrained(cls: DiffusionPipeline, pretrained_model_name_or_path, *, torch_dtype=None, variant=None,
                     revision=None, local_files_only=None, cache_dir=None, use_safetensors=None, **parts):
-    "Load every part named in `model_index.json` from a folder or Hub repo."
+    "Load every part named in `model_index.json` (`torch_dtype`: one dtype, or a dict by part with a 'default')."
     path = pretrained_model_name_or_path
     hub = dict(revision=revision, local_files_only=local_files_only, cache_dir=cache_dir)
     model_kwargs = dict(torch_dtype=torch_dtype, variant=variant, use_safetensors=use_safetensors)
@@ -88,7 +89,8 @@ def from_pretrained(cls: DiffusionPipeline, pretrained_model_name_or_path, *, to
         if cls_name is None or cls_name in NOT_LOADED:
             if cls_name: logger.info(f"{name} ({cls_name}) is not loaded: minidiff does not implement it")
             parts[name] = None; continue
-        parts[name] = _load_part(path, name, _component_class(name, cls_name), model_kwargs, hub)
+        dtype = torch_dtype.get(name, torch_dtype.get('default')) if isinstance(torch_dtype, dict) else torch_dtype
+        parts[name] = _load_part(path, name, _component_class(name, cls_name), {**model_kwargs, 'torch_dtype': dtype}, hub)
     params = {k: p for k, p in inspect.signature(target.__init__).parameters.items() if k != 'self'}
     missing = [k for k, p in params.items() if p.default is p.empty and parts.get(k) is None]
     if missing: raise ValueError(f"{path}: model_index.json gives no {missing} for {target.__name__}")
@@ -96,14 +98,23 @@ def from_pretrained(cls: DiffusionPipeline, pretrained_model_name_or_path, *, to
 
 # %% ../nbs/06_pipeline.ipynb #9ac47aa2
 @patch
-def save_pretrained(self: DiffusionPipeline, save_directory):
-    "Write `model_index.json` and each part in its subfolder."
+def save_pretrained(self: DiffusionPipeline, save_directory, safe_serialization=True, variant=None):
+    "Write `model_index.json` and each part in its subfolder; models as safetensors (or `.bin`), named by `variant`."
     p = Path(save_directory); p.mkdir(parents=True, exist_ok=True)
     index = {'_class_name': type(self).__name__, '_diffusers_version': DIFFUSERS_VERSION}
     for k, v in self.components.items():
         index[k] = [None, None] if v is None else [_library(v), type(v).__name__]
-        if v is not None: v.save_pretrained(p/k)
+        if isinstance(v, torch.nn.Module): v.save_pretrained(p/k, variant=variant, safe_serialization=safe_serialization)
+        elif v is not None: v.save_pretrained(p/k)
     (p/'model_index.json').write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+# %% ../nbs/06_pipeline.ipynb #c15b35c0
+@patch
+def enable_attention_slicing(self: DiffusionPipeline, slice_size="auto"):
+    "Attention in slices: the text-to-image pipelines slice their UNet; here, as in diffusers, a pixel UNet is left as is."
+
+@patch
+def disable_attention_slicing(self: DiffusionPipeline): self.enable_attention_slicing(None)
 
 # %% ../nbs/06_pipeline.ipynb #460882a4
 @dataclass

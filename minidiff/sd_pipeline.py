@@ -112,6 +112,7 @@ def rescale_noise_cfg(noise_cfg, # (B, C, h, w) guided noise prediction
 class StableDiffusionPipeline(DiffusionPipeline):
     "Text-to-image with SD v1.x parts: CLIP tokenizer + text encoder, conditional UNet, any scheduler, VAE."
     _callback_tensor_inputs = CALLBACK_TENSOR_INPUTS
+    _optional_components = ['safety_checker', 'feature_extractor']
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  requires_safety_checker=False):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
