@@ -12,7 +12,8 @@ from .core import patch
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'QuickGELU', 'get_activation', 'get_timestep_embedding', 'Timesteps', 'TimestepEmbedding',
-           'ResnetBlock2D', 'Attention', 'slice_attention', 'Downsample2D', 'Upsample2D', 'check_finite']
+           'ResnetBlock2D', 'Attention', 'slice_attention', 'Downsample2D', 'Upsample2D', 'nonfinite_error',
+           'check_finite']
 
 # %% ../nbs/04_layers.ipynb #31782aa7
 class QuickGELU(nn.Module):
@@ -212,11 +213,15 @@ class Upsample2D(nn.Module):
         return hidden_states if self.conv is None else self.conv(hidden_states)
 
 # %% ../nbs/04_layers.ipynb #fe4e274d
+def nonfinite_error(what='latents', step=None, dtype=None) -> FloatingPointError:
+    "The one-line error for NaN/inf in `what` (at denoising `step`, in `dtype`)."
+    at = '' if step is None else f' at step {step}'
+    return FloatingPointError(f"{what} became NaN/inf{at} in {dtype}: run the model in float32 or bfloat16 "
+                              f"(float16 overflows above 65504)")
+
 def check_finite(x:torch.Tensor, # latents, noise predictions, images...
                  step:int=None, # the denoising step, for the message
                  what:str='latents'): # what `x` is, for the message
     "Return `x`, or raise a one-line `FloatingPointError` if it holds NaN or inf."
     if torch.isfinite(x).all(): return x
-    at = '' if step is None else f' at step {step}'
-    raise FloatingPointError(f"{what} became NaN/inf{at} in {x.dtype}: run the model in float32 or bfloat16 "
-                             f"(float16 overflows above 65504)")
+    raise nonfinite_error(what, step, x.dtype)

@@ -8,13 +8,14 @@ import contextlib, inspect
 from dataclasses import dataclass
 import torch
 from .core import BaseOutput, patch
+from .layers import nonfinite_error
 from .latents import prepare_latents, vae_scale_factor
 from .guidance import classifier_free_guidance
 from .pipeline import DiffusionPipeline, postprocess, check_call_args, OUTPUT_TYPES
 
 # %% auto #0
 __all__ = ['CALLBACK_TENSOR_INPUTS', 'negative_prompts', 'check_sd_inputs', 'check_embeds', 'check_callback', 'encode_prompts',
-           'StableDiffusionPipelineOutput', 'rescale_noise_cfg', 'StableDiffusionPipeline', 'check_finite']
+           'StableDiffusionPipelineOutput', 'rescale_noise_cfg', 'StableDiffusionPipeline', 'first_nonfinite']
 
 # %% ../nbs/15_sd_pipeline.ipynb #b820348f
 def _prompt_list(prompt, name='prompt'):
@@ -167,12 +168,9 @@ def _embeddings(self: StableDiffusionPipeline, prompt, negative_prompt, prompt_e
     return (torch.cat([neg, emb]) if self.do_classifier_free_guidance else emb), neg            # (2n or n, L, D)
 
 # %% ../nbs/15_sd_pipeline.ipynb #5dcba375
-def check_finite(latents, step:int, t):
-    "Raise a clear error when the latents hold NaN or inf after `step` (timestep `t`)."
-    if not torch.isfinite(latents).all():
-        raise FloatingPointError(f"the latents are not finite (NaN or inf) after denoising step {step} (timestep "
-                                 f"{int(t)}) in {latents.dtype}; float16 can overflow: load the pipeline with "
-                                 "torch_dtype=torch.float32 or torch.bfloat16")
+def first_nonfinite(latents, step:int, first:torch.Tensor) -> torch.Tensor:
+    "`step` if these latents hold NaN/inf and no earlier step did, else `first` (-1: all finite). No host sync."
+    return torch.where((first < 0) & ~torch.isfinite(latents).all(), step, first)
 
 # %% ../nbs/15_sd_pipeline.ipynb #ecc55ad4
 @patch
@@ -196,6 +194,7 @@ def denoise(self: StableDiffusionPipeline, latents, timesteps, prompt_embeds, ne
     "The loop every SD pipeline shares; `extra` tensors (inpainting's mask...) ride along in the state."
     state = dict(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **extra)
     self._num_timesteps = len(timesteps)
+    first_bad = torch.full((), -1, device=latents.device)      # first step whose latents hold NaN/inf
     for i, t in enumerate(self.progress_bar(timesteps)):
         if self.interrupt: continue
         state['noise_pred'] = self.predict_noise(state, t)
@@ -204,7 +203,8 @@ def denoise(self: StableDiffusionPipeline, latents, timesteps, prompt_embeds, ne
         if callback is not None:
             out = callback(self, i, t, {k: state[k] for k in callback_inputs}) or {}
             state.update({k: v for k, v in out.items() if k in self._callback_tensor_inputs})
-        check_finite(state['latents'], i, t)
+        first_bad = first_nonfinite(state['latents'], i, first_bad)
+    if first_bad >= 0: raise nonfinite_error('latents', int(first_bad), latents.dtype)   # one read-back per call
     return state['latents']
 
 # %% ../nbs/15_sd_pipeline.ipynb #2f163662
