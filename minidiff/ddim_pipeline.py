@@ -8,10 +8,10 @@ import json, logging
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
-from .core import randn_tensor, DIFFUSERS_VERSION
+from .core import DIFFUSERS_VERSION
 from .loading import to_legacy_keys
 from .unet2d import UNet2DModel
-from .pipeline import DiffusionPipeline, ImagePipelineOutput, postprocess, check_call_args
+from .pipeline import DDPMPipeline
 from .ddim import DDIMScheduler
 
 # %% auto #0
@@ -46,7 +46,7 @@ def save_tiny_ddpm(folder, seed=0, block_out_channels=(32, 64, 64, 64)):
 # %% ../nbs/16b_ddim_pipeline.ipynb #8990af77
 logger = logging.getLogger(__name__)
 
-class DDIMPipeline(DiffusionPipeline):
+class DDIMPipeline(DDPMPipeline):
     "Unconditional image generation with a `UNet2DModel` and DDIM (Song et al. 2021), the scheduler converted to DDIM."
     def __init__(self, unet, scheduler):
         self.register_modules(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
@@ -54,15 +54,6 @@ class DDIMPipeline(DiffusionPipeline):
     def __call__(self, batch_size=1, generator=None, eta=0.0, num_inference_steps=50, use_clipped_model_output=None,
                  output_type='pil', return_dict=True):
         "Generate `batch_size` images; `eta` 0 is DDIM, 1 is DDPM's variance (eq. 16)."
-        check_call_args(batch_size, num_inference_steps, output_type, generator)
         if not 0.0 <= eta <= 1.0: logger.warning(f"eta should be in [0, 1] (0 is DDIM, 1 is DDPM), got {eta}")
-        s = self.unet.config.sample_size
-        shape = (batch_size, self.unet.config.in_channels, *((s, s) if isinstance(s, int) else s))
-        image = randn_tensor(shape, generator, device=self.device, dtype=self.unet.dtype)   # (B, C, H, W)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_output = self.unet(image, t).sample
-            image = self.scheduler.step(model_output, t, image, eta=eta, generator=generator,
-                                        use_clipped_model_output=use_clipped_model_output).prev_sample
-        image = postprocess(image, output_type)
-        return ImagePipelineOutput(images=image) if return_dict else (image,)
+        return self._sample(batch_size, generator, num_inference_steps, output_type, return_dict, eta=eta,
+                            use_clipped_model_output=use_clipped_model_output)

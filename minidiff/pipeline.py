@@ -152,6 +152,9 @@ class DDPMPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, batch_size=1, generator=None, num_inference_steps=1000, output_type='pil', return_dict=True):
         "Generate `batch_size` images."
+        return self._sample(batch_size, generator, num_inference_steps, output_type, return_dict)
+    def _sample(self, batch_size, generator, num_inference_steps, output_type, return_dict, **step_kwargs):
+        "The loop: seeded noise, then one UNet call and one scheduler step per timestep (`step_kwargs` go to `step`)."
         check_call_args(batch_size, num_inference_steps, output_type, generator)
         s = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, *((s, s) if isinstance(s, int) else s))
@@ -159,6 +162,6 @@ class DDPMPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_output = self.unet(image, t).sample
-            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+            image = self.scheduler.step(model_output, t, image, generator=generator, **step_kwargs).prev_sample
         image = postprocess(image, output_type)
         return ImagePipelineOutput(images=image) if return_dict else (image,)
