@@ -1,0 +1,60 @@
+"The training loop: it runs, the loss falls, runs are reproducible; the lr schedule and EMA behave."
+import math
+import pytest, torch
+from minidiff import UNet2DModel, DDPMScheduler
+from minidiff.shapes import shapes_batch
+from minidiff.training import ddpm_loss, fit, cosine_schedule, EMA, smooth
+from minidiff.train_vae import train_vae
+from minidiff.train_ddpm import train_ddpm
+from minidiff.train_sd import drop_captions
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1,
+                       down_block_types=('DownBlock2D', 'DownBlock2D'), up_block_types=('UpBlock2D', 'UpBlock2D'))
+
+def run(steps=40):
+    unet, scheduler, gen = tiny_unet(), DDPMScheduler(), torch.Generator().manual_seed(0)
+    def loss_fn(step): return ddpm_loss(unet, scheduler, shapes_batch(16, seed=step, size=16).images * 2 - 1, gen)
+    return fit([unet], loss_fn, steps, lr=3e-3, warmup=5, progress=False)
+
+def test_ddpm_loop_runs_and_the_loss_falls():
+    res = run()
+    assert all(math.isfinite(l) for l in res.losses)
+    assert sum(res.losses[-10:]) < 0.8 * sum(res.losses[:10])
+
+def test_runs_are_reproducible():
+    a, b = run(6), run(6)
+    assert a.losses == b.losses
+    for p, q in zip(a.ema_models[0].parameters(), b.ema_models[0].parameters()): assert torch.equal(p, q)
+
+def test_micro_vae_loss_falls():
+    vae, losses = train_vae(steps=12, progress=False)
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+
+def test_micro_ddpm_trains_a_few_steps():
+    unet, scheduler, losses = train_ddpm(steps=2, batch_size=8, progress=False)
+    assert len(losses) == 2 and all(math.isfinite(l) for l in losses)
+    assert unet.config.sample_size == 32 and scheduler.config.beta_schedule == 'linear'
+
+def test_ddpm_loss_of_a_perfect_model_is_zero():
+    scheduler, x0 = DDPMScheduler(), torch.randn(4, 3, 8, 8)
+    class Oracle(torch.nn.Module):      # recovers eps from x_t, knowing x0
+        def forward(self, x_t, t):
+            ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+            return type('Out', (), {'sample': (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()})
+    assert ddpm_loss(Oracle(), scheduler, x0, torch.Generator().manual_seed(0)).item() < 1e-8
+
+def test_cosine_schedule_and_ema():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lrs, seen = cosine_schedule(opt, steps=20, warmup=4), []
+    for _ in range(20): seen.append(opt.param_groups[0]['lr']); opt.step(); lrs.step()
+    assert seen[:4] == [0.25, 0.5, 0.75, 1.0] and seen[-1] < 0.01 and all(a >= b for a, b in zip(seen[3:], seen[4:]))
+    ema = EMA(torch.nn.Linear(1, 1), max_decay=0.5)
+    assert ema.decay(0) == 0.1 and ema.decay(100) == 0.5
+    assert smooth([1.0, 3.0], beta=0.0) == [1.0, 3.0]
+
+def test_caption_dropout_rate():
+    import random
+    dropped = drop_captions(["a red circle"] * 4000, random.Random(0), p_drop=0.1).count("")
+    assert 300 < dropped < 500
