@@ -1,10 +1,17 @@
 "CLIPTokenizer: identical ids to transformers' CLIPTokenizer on a large seeded corpus, bad input, loading, speed."
-import json, random, shutil, sys, time, unicodedata, warnings
+import gzip, importlib.util, json, random, shutil, sys, time, unicodedata, warnings
 from pathlib import Path
 import pytest
 import torch
-from minidiff.core import CheckpointNotFoundError
-from minidiff.tokenizer import CLIPTokenizer, find_bpe_file, BPE_FILE_NAME, MAX_CACHED_WORDS
+from minidiff.core import CheckpointNotFoundError, MICRO_SD
+from minidiff.tokenizer import (CLIPTokenizer, find_bpe_file, BPE_FILE_NAME, MAX_CACHED_WORDS, NUM_OPENAI_MERGES,
+                                BOS_TOKEN_ID, EOS_TOKEN_ID, read_merges, vocab_from_merges)
+
+SHIPPED = MICRO_SD/'tokenizer'  # the real CLIP ViT-L/14 vocabulary, shipped as package data
+TOKENIZER_FILES = ['merges.txt', 'special_tokens_map.json', 'tokenizer_config.json', 'vocab.json']
+# OpenAI's clip package (clip-anytorch) is an optional reference: found without importing it (that pulls torchvision)
+needs_clip = pytest.mark.skipif(importlib.util.find_spec('clip') is None,
+                                reason="optional reference: OpenAI's clip package (clip-anytorch) is not installed")
 
 SD_TOKENIZER_CONFIGS = Path(__file__).parents[1]/'nbs'/'configs'/'runwayml_stable-diffusion-v1-5'/'tokenizer'
 KNOWN_IDS = {  # ids of openai/clip-vit-large-patch14's tokenizer (SD v1.x tokenizer/), as transformers gives them
@@ -18,15 +25,15 @@ KNOWN_IDS = {  # ids of openai/clip-vit-large-patch14's tokenizer (SD v1.x token
 }
 
 @pytest.fixture(scope='module')
-def tok(): return CLIPTokenizer.from_bpe_file(find_bpe_file())
+def tok(): return CLIPTokenizer.from_pretrained(MICRO_SD, subfolder='tokenizer')
 
 @pytest.fixture(scope='module')
 def folder(tok, tmp_path_factory): return tok.save_pretrained(tmp_path_factory.mktemp('sd')/'tokenizer')
 
 @pytest.fixture(scope='module')
-def hf(folder):
+def hf():
     import transformers
-    return transformers.CLIPTokenizer.from_pretrained(folder)
+    return transformers.CLIPTokenizer.from_pretrained(SHIPPED)
 
 # ---------------------------------------------------------------- corpus
 WORDS = ("a photo of the an astronaut riding horse on mars cat dog painting portrait by greg rutkowski trending "
@@ -84,8 +91,8 @@ def make_corpus(n=6000, seed=0):
 def corpus(): return make_corpus()
 
 # ---------------------------------------------------------------- parity
-def test_known_ids(tok):
-    for text, ids in KNOWN_IDS.items(): assert tok.encode(text) == ids, text
+def test_known_ids(tok, hf):
+    for text, ids in KNOWN_IDS.items(): assert tok.encode(text) == hf(text)['input_ids'] == ids, text
     out = tok("a photograph of an astronaut riding a horse", padding="max_length", max_length=77)
     assert out.input_ids == KNOWN_IDS["a photograph of an astronaut riding a horse"] + [49407] * 67
 
@@ -166,11 +173,48 @@ def test_saved_folder_round_trip(tok, folder):
     assert sorted(p.name for p in folder.iterdir()) == ['merges.txt', 'special_tokens_map.json', 'tokenizer_config.json', 'vocab.json']
     assert (folder/'merges.txt').read_text().split('\n')[:3] == ['#version: 0.2', 'i n', 't h']
 
+def test_shipped_folder(tok, tmp_path):
+    "The shipped vocab.json is derived from merges.txt, and loading then saving the folder gives the same bytes."
+    merges = read_merges(SHIPPED/'merges.txt')
+    assert len(merges) == NUM_OPENAI_MERGES and merges[:2] == [('i', 'n'), ('t', 'h')]
+    assert vocab_from_merges(merges) == json.loads((SHIPPED/'vocab.json').read_text(encoding='utf-8')) == tok.encoder
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.model_max_length) == (BOS_TOKEN_ID, EOS_TOKEN_ID,
+                                                                                            EOS_TOKEN_ID, 77)
+    tok.save_pretrained(tmp_path)
+    assert sorted(p.name for p in SHIPPED.iterdir()) == sorted(p.name for p in tmp_path.iterdir()) == TOKENIZER_FILES
+    for f in TOKENIZER_FILES: assert (tmp_path/f).read_bytes() == (SHIPPED/f).read_bytes(), f
+
+@needs_clip
+def test_shipped_folder_is_openai_bpe_file(tmp_path):
+    "The shipped folder is byte for byte what from_bpe_file() (OpenAI's gz in the clip package) saves."
+    CLIPTokenizer.from_bpe_file().save_pretrained(tmp_path)
+    for f in TOKENIZER_FILES: assert (tmp_path/f).read_bytes() == (SHIPPED/f).read_bytes(), f
+
+@needs_clip
 def test_find_bpe_file_does_not_import_clip():
     had_clip = 'clip' in sys.modules
     p = find_bpe_file()
     assert p.name == BPE_FILE_NAME and p.is_file() and p.parent.name == 'clip'
     assert had_clip or 'clip' not in sys.modules
+    rules = gzip.open(p).read().decode('utf-8').split('\n')[1:]
+    assert read_merges(SHIPPED/'merges.txt') == [tuple(l.split()) for l in rules[:NUM_OPENAI_MERGES]]
+
+@needs_clip
+def test_openai_simple_tokenizer_differences(tok):
+    """OpenAI's SimpleTokenizer (clip/simple_tokenizer.py, loaded without importing clip) runs ftfy and html.unescape,
+    matches lowercased special-token text and lowercases Σ by context; transformers (and we) do none of these."""
+    bpe_path = find_bpe_file()
+    spec = importlib.util.spec_from_file_location('openai_simple_tokenizer', bpe_path.parent/'simple_tokenizer.py')
+    openai_st = importlib.util.module_from_spec(spec); spec.loader.exec_module(openai_st)
+    openai_tok = openai_st.SimpleTokenizer(str(bpe_path))
+    openai_ids = lambda s: [BOS_TOKEN_ID, *openai_tok.encode(s), EOS_TOKEN_ID]
+    agree = {"a photo of a cat": True, "  x\u00a0y  ": True, "fish &amp; chips": False, "cafÃ© au lait": False,
+             "ΣΑΣ": False, "a <|ENDOFTEXT|> b": False}
+    assert {s: openai_ids(s) == tok.encode(s) for s in agree} == agree
+    assert tok.decode(openai_ids("fish &amp; chips"), True) == "fish & chips"
+    assert tok.decode(openai_ids("cafÃ© au lait"), True) == "café au lait"
+    assert tok.decode(openai_ids("ΣΑΣ"), True) == "σας" and tok.decode(tok.encode("ΣΑΣ"), True) == "σασ"
+    assert openai_ids("a <|ENDOFTEXT|> b")[2] == EOS_TOKEN_ID and EOS_TOKEN_ID not in tok.encode("a <|ENDOFTEXT|> b")[1:-1]
 
 # ---------------------------------------------------------------- call behaviour
 def test_outputs(tok):
@@ -194,7 +238,7 @@ def test_truncation_keeps_eos_and_warns_once(tok):
         tok("short prompt", padding="max_length", truncation=True)  # nothing dropped, no warning
 
 def test_cache_gives_same_ids(tok):
-    fresh = CLIPTokenizer.from_bpe_file(find_bpe_file())
+    fresh = CLIPTokenizer.from_pretrained(MICRO_SD, subfolder='tokenizer')
     prompt = "an unusual zxqvword appears twice: zxqvword"
     assert fresh.encode(prompt) == fresh.encode(prompt) == tok.encode(prompt)
     assert 'zxqvword' in fresh.cache
@@ -259,7 +303,7 @@ def test_benchmark_batch_vs_transformers(hf, corpus):
     "Tokenise + pad a batch of prompts with a fresh tokenizer (cold cache), then again (warm cache)."
     prompts = corpus[:2000]
     kw = dict(padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    ours_tok = CLIPTokenizer.from_bpe_file(find_bpe_file())
+    ours_tok = CLIPTokenizer.from_pretrained(MICRO_SD, subfolder='tokenizer')
     def clock(f):
         t0 = time.perf_counter(); f(); return time.perf_counter() - t0
     with warnings.catch_warnings():
