@@ -8,7 +8,7 @@ import json, re
 from pathlib import Path
 import torch
 from safetensors.torch import save_file
-from .core import patch, resolve_file, CheckpointNotFoundError
+from .core import MICRO_SD, patch, resolve_file, CheckpointNotFoundError
 from .loading import CheckpointError, load_weights_file, check_state_dict
 from .tokenizer import CLIPTokenizer
 from .text_encoder import CLIPTextModel
@@ -200,11 +200,11 @@ def part_config(part:str, config=None, name='config.json') -> dict:
 
 # %% ../nbs/50_single_file.ipynb #07bd5f5f
 def single_file_tokenizer(config=None) -> CLIPTokenizer:
-    "The tokenizer of the `config` folder/repo when it has one, else CLIP's from OpenAI's BPE file."
+    "The tokenizer of the `config` folder/repo when it has one, else SD v1's CLIP tokenizer (shipped)."
     folder = config is not None and not isinstance(config, dict)
     if folder and resolve_file(config, 'vocab.json', 'tokenizer', required=False):
         return CLIPTokenizer.from_pretrained(config, subfolder='tokenizer')
-    return CLIPTokenizer.from_bpe_file()
+    return CLIPTokenizer.from_pretrained(MICRO_SD, subfolder='tokenizer')
 
 # %% ../nbs/50_single_file.ipynb #ee3fbcdb
 def model_from_single_file(cls, pretrained_model_link_or_path, *, config=None, torch_dtype=None, extract_ema=False,

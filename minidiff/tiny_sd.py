@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
-from .core import DIFFUSERS_VERSION
+from .core import DIFFUSERS_VERSION, MICRO_SD
 from .loading import to_legacy_keys
 from .tokenizer import CLIPTokenizer
 from .text_encoder import CLIPTextModel
@@ -42,7 +42,7 @@ def _tiny_parts(tokenizer=None):
     "The five parts of SD v1.5, narrow (weights drawn from the current torch seed, in this order)."
     return dict(unet=UNet2DConditionModel(**TINY_SD['unet']), vae=AutoencoderKL(**TINY_SD['vae']),
                 text_encoder=CLIPTextModel.from_config(TINY_SD['text_encoder']),
-                tokenizer=tokenizer or CLIPTokenizer.from_bpe_file(),
+                tokenizer=tokenizer or CLIPTokenizer.from_pretrained(MICRO_SD, subfolder='tokenizer'),
                 scheduler=PNDMScheduler.from_config(TINY_SD['scheduler']))
 
 # %% ../nbs/14a_tiny_sd.ipynb #2ecce65d

@@ -6,6 +6,7 @@ import pytest, torch
 from safetensors.torch import load_file, save_file
 from minidiff import (StableDiffusionPipeline, UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer,
                       CheckpointError, CheckpointNotFoundError, save_tiny_sd)
+from minidiff.core import MICRO_SD
 from minidiff.single_file import SD15_CONFIG, PART_CLASSES, to_original, ema_name, single_file_tokenizer
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -114,7 +115,7 @@ def test_older_layouts_are_accepted(tiny, tmp_path):
 
 def test_tokenizer_and_scheduler_sources(tiny):
     folder, pipe, file = tiny
-    tok = CLIPTokenizer.from_bpe_file()
+    tok = CLIPTokenizer.from_pretrained(MICRO_SD, subfolder='tokenizer')
     p = StableDiffusionPipeline.from_single_file(file, config=folder, tokenizer=tok)
     assert p.tokenizer is tok
     assert type(p.scheduler).__name__ == 'PNDMScheduler' and p.scheduler.config.beta_schedule == 'scaled_linear'
