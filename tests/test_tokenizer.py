@@ -214,7 +214,8 @@ def test_openai_simple_tokenizer_differences(tok):
     assert tok.decode(openai_ids("fish &amp; chips"), True) == "fish & chips"
     assert tok.decode(openai_ids("cafÃ© au lait"), True) == "café au lait"
     assert tok.decode(openai_ids("ΣΑΣ"), True) == "σας" and tok.decode(tok.encode("ΣΑΣ"), True) == "σασ"
-    assert openai_ids("a <|ENDOFTEXT|> b")[2] == EOS_TOKEN_ID and EOS_TOKEN_ID not in tok.encode("a <|ENDOFTEXT|> b")[1:-1]
+    typed = "a <|ENDOFTEXT|> b"
+    assert openai_ids(typed)[2] == EOS_TOKEN_ID and EOS_TOKEN_ID not in tok.encode(typed)[1:-1]
 
 # ---------------------------------------------------------------- call behaviour
 def test_outputs(tok):
