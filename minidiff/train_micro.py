@@ -16,7 +16,7 @@ from .train_sd import train_sd, save_micro_sd
 from .train_ddpm import train_ddpm, save_micro_ddpm
 
 # %% auto #0
-__all__ = ['load_tokenizer', 'retrain_micro_ddpm', 'retrain_micro_sd', 'train_micro', 'report', 'main']
+__all__ = ['retrain_micro_ddpm', 'retrain_micro_sd', 'train_micro', 'report', 'main']
 
 # %% ../nbs/27_train_micro.ipynb #3648bcbd
 def _log(folder, name, losses, start_wall, start_cpu, **extra):
@@ -30,11 +30,6 @@ def _log(folder, name, losses, start_wall, start_cpu, **extra):
 
 def _given(**kwargs): return {k: v for k, v in kwargs.items() if v is not None}  # None: the recipe's default
 
-def load_tokenizer(*folders) -> CLIPTokenizer:
-    "CLIP's tokenizer from the first of `folders` that has one, else from the `clip` package's BPE file."
-    for f in folders:
-        if (Path(f)/'tokenizer'/'vocab.json').exists(): return CLIPTokenizer.from_pretrained(f, subfolder='tokenizer')
-    return CLIPTokenizer.from_bpe_file()
 
 # %% ../nbs/27_train_micro.ipynb #3492d508
 def retrain_micro_ddpm(out=ASSETS, steps:int=None, progress:bool=True) -> dict:
@@ -49,7 +44,7 @@ def retrain_micro_sd(out=ASSETS, parts=('vae', 'sd'), vae_steps:int=None, sd_ste
     "Train the VAE (or reuse the one in `out`), then the UNet and text encoder; save `out/micro-sd`."
     torch.set_num_threads(1)
     folder, logs = Path(out)/'micro-sd', {}
-    tokenizer = load_tokenizer(folder, MICRO_SD)
+    tokenizer = CLIPTokenizer.from_pretrained(MICRO_SD, subfolder='tokenizer')  # the real CLIP vocabulary, shipped
     if 'vae' in parts:
         w, c = time.time(), time.process_time()
         vae, losses = train_vae(**_given(steps=vae_steps), progress=progress)

@@ -8,7 +8,6 @@ import json, random
 from pathlib import Path
 import torch
 from .core import MICRO_SD
-from .tokenizer import CLIPTokenizer
 from .text_encoder import CLIPTextModel
 from .unet_condition import UNet2DConditionModel
 from .ddpm_scheduler import DDPMScheduler
