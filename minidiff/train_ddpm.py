@@ -26,7 +26,8 @@ MICRO_DDPM_SCHEDULER = dict(beta_end=0.02, beta_schedule="linear", beta_start=0.
                             num_train_timesteps=1000, trained_betas=None, variance_type="fixed_small")
 
 # %% ../nbs/25_train_ddpm.ipynb #f89c8688
-def train_ddpm(steps:int=3000, batch_size:int=32, lr:float=2e-3, max_decay:float=0.995, seed:int=0, progress:bool=True):
+def train_ddpm(steps:int=3000, batch_size:int=32, lr:float=2e-3, max_decay:float=0.995, snr_gamma:float=5.0, seed:int=0,
+               progress:bool=True):
     "Train the micro DDPM UNet from scratch; returns (EMA UNet, scheduler, losses)."
     torch.manual_seed(seed)
     unet, scheduler = UNet2DModel(**MICRO_DDPM_UNET), DDPMScheduler(**MICRO_DDPM_SCHEDULER)
@@ -34,7 +35,7 @@ def train_ddpm(steps:int=3000, batch_size:int=32, lr:float=2e-3, max_decay:float
     def loss_fn(step):
         rng = random.Random(f"ddpm-{seed}-{step}")
         x0 = render([sample_scene(rng) for _ in range(batch_size)], size=32) * 2 - 1   # (B, 3, 32, 32) in [-1, 1]
-        return ddpm_loss(unet, scheduler, x0, gen)
+        return ddpm_loss(unet, scheduler, x0, gen, snr_gamma)
     res = fit([unet], loss_fn, steps, lr=lr, warmup=100, max_decay=max_decay, progress=progress)
     return res.ema_models[0], scheduler, res.losses
 

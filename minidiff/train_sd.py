@@ -51,7 +51,7 @@ def drop_captions(captions:list, rng:random.Random, p_drop:float=0.1) -> list:
 
 # %% ../nbs/24_train_sd.ipynb #706693ad
 def sd_loss_fn(unet, text_encoder, tokenizer, latents, # (mean, std) of the pool
-               scenes:list, scaling_factor:float, batch_size:int=64, p_drop:float=0.1, seed:int=0):
+               scenes:list, scaling_factor:float, batch_size:int=64, p_drop:float=0.1, snr_gamma:float=5.0, seed:int=0):
     "step -> the loss of one batch from the pool (captions redrawn and dropped, latents resampled)."
     scheduler, (mean, std) = DDPMScheduler.from_config(MICRO_SCHEDULER), latents
     gen = torch.Generator().manual_seed(seed)
@@ -62,22 +62,22 @@ def sd_loss_fn(unet, text_encoder, tokenizer, latents, # (mean, std) of the pool
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids                                        # (B, 77)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor   # (B, 4, 8, 8)
-        return ddpm_loss(unet, scheduler, z0, gen, encoder_hidden_states=text_encoder(ids)[0])
+        return ddpm_loss(unet, scheduler, z0, gen, snr_gamma, encoder_hidden_states=text_encoder(ids)[0])
     return loss_fn
 
 # %% ../nbs/24_train_sd.ipynb #905629b7
 def train_sd(vae, # the trained micro VAE, `scaling_factor` set
              tokenizer, # CLIP's tokenizer
-             steps:int=2500, batch_size:int=64, pool:int=8192, lr:float=2e-3, p_drop:float=0.1, seed:int=0,
-             progress:bool=True):
+             steps:int=2500, batch_size:int=64, pool:int=8192, lr:float=4e-3, p_drop:float=0.1, snr_gamma:float=5.0,
+             max_decay:float=0.995, seed:int=0, progress:bool=True):
     "Train the micro UNet and text encoder from scratch; returns (EMA UNet, EMA text encoder, losses)."
     torch.manual_seed(seed)
     unet, text_encoder = UNet2DConditionModel(**MICRO_UNET), CLIPTextModel.from_config(MICRO_TEXT_ENCODER)
     rng = random.Random(f"sd-pool-{seed}")
     scenes = [sample_scene(rng) for _ in range(pool)]
     loss_fn = sd_loss_fn(unet, text_encoder, tokenizer, encode_scenes(vae, scenes), scenes,
-                         vae.config.scaling_factor, batch_size, p_drop, seed)
-    res = fit([unet, text_encoder], loss_fn, steps, lr=lr, warmup=100, progress=progress)
+                         vae.config.scaling_factor, batch_size, p_drop, snr_gamma, seed)
+    res = fit([unet, text_encoder], loss_fn, steps, lr=lr, warmup=100, max_decay=max_decay, progress=progress)
     return res.ema_models[0], res.ema_models[1], res.losses
 
 # %% ../nbs/24_train_sd.ipynb #43270232
