@@ -198,3 +198,24 @@ def test_minidiff_scheduler_samples_inside_a_diffusers_pipeline(pipes):
         a = ref("a cat", generator=torch.Generator().manual_seed(0), **kw).images
     finally: ref.scheduler = original
     assert_close_finite(torch.from_numpy(a), torch.from_numpy(b), rtol=0, atol=0)
+
+@pytest.fixture(scope="module")
+def micro_pipes():
+    from minidiff.core import MICRO_SD
+    return ours(MICRO_SD), reference(MICRO_SD)
+
+@pytest.mark.parametrize("name", NAMES)
+def test_micro_sd_gallery_matches_diffusers(micro_pipes, name):
+    "The notebook's gallery model: the shipped micro SD (trained weights) with each scheduler swapped in equals diffusers'."
+    import diffusers
+    from minidiff.core import MICRO_SD
+    a_pipe, b_pipe = micro_pipes
+    a_pipe.scheduler = minidiff.PNDMScheduler.from_pretrained(MICRO_SD, subfolder="scheduler")
+    b_pipe.scheduler = diffusers.PNDMScheduler.from_pretrained(MICRO_SD, subfolder="scheduler")
+    swap_scheduler(a_pipe, name)
+    b_pipe.scheduler = getattr(diffusers, name).from_config(b_pipe.scheduler.config)
+    kw = dict(prompt="a yellow triangle on a purple background", num_inference_steps=10, output_type="np")
+    a = a_pipe(**kw, generator=torch.Generator().manual_seed(8)).images
+    b = b_pipe(**kw, generator=torch.Generator().manual_seed(8)).images
+    assert a.shape == (1, 64, 64, 3)
+    assert_close_finite(torch.from_numpy(a), torch.from_numpy(b), rtol=0, atol=1e-4)

@@ -1,4 +1,4 @@
-"AutoencoderKL: parity with diffusers (small and full SD v1.5 configs), both SD v1.5 weight spellings, errors, slicing, benchmark."
+"AutoencoderKL: parity with diffusers (small and full SD v1.5 configs, the shipped micro VAE), both SD v1.5 weight spellings, errors, slicing, benchmark."
 import json, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 from minidiff.core import CheckpointNotFoundError
 from minidiff.loading import CheckpointError, fix_legacy_keys, check_state_dict, to_legacy_keys
 from minidiff.vae import AutoencoderKL, DiagonalGaussianDistribution
+from refconfigs import assert_close_finite
 
 import diffusers
 diffusers.utils.logging.disable_progress_bar(); diffusers.utils.logging.set_verbosity_error()
@@ -318,3 +319,18 @@ def test_benchmark_decode_vs_diffusers(tmp_path):
     print(f"\nVAE decode 512x512, SD v1.5 config, CPU {threads} thread(s), CPU time: {t_o:.2f} s vs diffusers {t_r:.2f} s "
           f"(ratio {t_o / t_r:.2f}); extra peak RSS {m_o / 1024:.0f} MB vs {m_r / 1024:.0f} MB (ratio {m_o / m_r:.2f})")
     assert t_o / t_r < 1.05 and m_o / m_r < 1.02      # margins: run-to-run noise on a shared machine
+
+def test_micro_vae_matches_diffusers():
+    "The shipped micro VAE (trained weights): posterior, decode and tiled decode equal diffusers' on a disc picture."
+    from minidiff.core import MICRO_SD
+    ours, ref = AutoencoderKL.from_pretrained(MICRO_SD, subfolder='vae'), RefVAE.from_pretrained(MICRO_SD, subfolder='vae')
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 128), indexing='ij')
+    disc = ((xx - 0.4) ** 2 + (yy - 0.6) ** 2 < 0.25 ** 2).float()
+    x = torch.stack([disc, 0.2 + 0.6 * disc, 1 - disc])[None] * 2 - 1                    # (1, 3, 128, 128)
+    with torch.no_grad():
+        a_post, b_post = ours.encode(x).latent_dist, ref.encode(x).latent_dist
+        assert_close_finite(a_post.mean, b_post.mean, **TOL); assert_close_finite(a_post.std, b_post.std, **TOL)
+        z = a_post.mode()
+        assert_close_finite(ours.decode(z).sample, ref.decode(z).sample, **TOL)
+        ours.enable_tiling(); ref.enable_tiling()
+        assert_close_finite(ours.decode(z).sample, ref.decode(z).sample, **TOL)
