@@ -6,15 +6,18 @@
 from __future__ import annotations
 import contextlib, json, re
 from pathlib import Path
+import torch
 from torch import nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from .core import patch
 from .loading import CheckpointError, load_weights_file, read_safetensors_header
 from .sd_pipeline import StableDiffusionPipeline
 
 # %% auto #0
-__all__ = ['ROLES', 'PARTS', 'LORA_PARTS', 'LoRALayer', 'parse_lora_key', 'lora_targets', 'check_pair', 'metadata_alpha',
-           'read_lora', 'match_lora', 'lora_layers', 'scaled_lora']
+__all__ = ['ROLES', 'PARTS', 'LORA_PARTS', 'UNET_TARGETS', 'TEXT_ENCODER_TARGETS', 'LoRALayer', 'parse_lora_key', 'lora_targets',
+           'check_pair', 'metadata_alpha', 'read_lora', 'match_lora', 'lora_layers', 'scaled_lora', 'add_lora',
+           'lora_state_dict']
 
 # %% ../nbs/51_lora.ipynb #c628b336
 class LoRALayer:
@@ -201,3 +204,49 @@ def unfuse_lora(self:StableDiffusionPipeline, components=LORA_PARTS):
 def unload_lora_weights(self:StableDiffusionPipeline):
     "Remove every adapter and hook; fused updates stay in the weights (diffusers' fuse-then-unload recipe)."
     for l in lora_layers(self): l.hook.remove(); del l.layer._lora
+
+# %% ../nbs/51_lora.ipynb #023102a5
+UNET_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')                   # diffusers' LoRA training scripts
+TEXT_ENCODER_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'out_proj')
+
+def add_lora(model:nn.Module, rank:int=4, targets=UNET_TARGETS, # layers whose name is, or ends in `.`, a target
+             adapter_name:str='default_0', generator=None) -> nn.ParameterList:
+    "Freeze `model` and attach a trainable adapter (alpha = rank, `B` = 0) to every target layer; its parameters."
+    ends = tuple('.' + t for t in targets)
+    layers = [m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and ('.' + n).endswith(ends)]
+    if not layers: raise ValueError(f"no Linear or Conv2d layer of the model is named like {targets}")
+    if any(adapter_name in getattr(getattr(m, '_lora', None), 'adapters', ()) for m in layers):
+        raise ValueError(f"adapter name {adapter_name!r} is already in use: pass another adapter_name")
+    model.requires_grad_(False)
+    params = nn.ParameterList()
+    for layer in layers:
+        w = layer.weight                                                           # (out, in[, kh, kw])
+        down = nn.Parameter((torch.randn(rank, *w.shape[1:], generator=generator) / rank).to(w))  # A: (r, in[, kh, kw])
+        up = nn.Parameter(torch.zeros(w.shape[0], rank, *[1] * (w.ndim - 2)).to(w))                # B: (out, r[, 1, 1])
+        if not hasattr(layer, '_lora'): layer._lora = LoRALayer(layer)
+        layer._lora.add(adapter_name, down, up, rank)
+        params.extend([down, up])
+    return params
+
+# %% ../nbs/51_lora.ipynb #5efbbdbf
+def lora_state_dict(model:nn.Module, adapter_name:str='default_0') -> dict:
+    "One adapter of `model` with peft's names (`{module}.lora_A.weight`, `.lora_B.weight`), alpha / r folded into B."
+    sd = {}
+    for name, m in model.named_modules():
+        if adapter_name in getattr(getattr(m, '_lora', None), 'adapters', ()):
+            down, up, ratio = m._lora.adapters[adapter_name]
+            sd[f'{name}.lora_A.weight'], sd[f'{name}.lora_B.weight'] = down.detach().clone(), (up * ratio).detach()
+    return sd
+
+# %% ../nbs/51_lora.ipynb #a55b8012
+@patch(cls_method=True)
+def save_lora_weights(cls:StableDiffusionPipeline, save_directory, unet_lora_layers:dict=None,
+                      text_encoder_lora_layers:dict=None, weight_name:str='pytorch_lora_weights.safetensors') -> Path:
+    "Write `lora_state_dict`s with diffusers' `unet.`/`text_encoder.` prefixes as one safetensors file; its path."
+    parts = {'unet': unet_lora_layers or {}, 'text_encoder': text_encoder_lora_layers or {}}
+    sd = {f'{p}.{k}': v.detach().contiguous().cpu() for p, layers in parts.items() for k, v in layers.items()}
+    if not sd: raise ValueError("You must pass at least one of `unet_lora_layers` or `text_encoder_lora_layers`.")
+    path = Path(save_directory)/weight_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={'format': 'pt'})
+    return path
