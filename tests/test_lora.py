@@ -1,10 +1,13 @@
-"LoRA loading: parity with diffusers + peft in the kohya and diffusers formats, fuse/unfuse, unload, and clear errors."
+"""LoRA loading: parity with diffusers + peft in the kohya and diffusers formats, fuse/unfuse, unload, and clear errors;
+training an adapter and saving it in diffusers' format."""
 import json, os
+import numpy as np
 import pytest, torch
 from torch import nn
 from safetensors.torch import save_file
-from minidiff import StableDiffusionPipeline, CheckpointError, save_tiny_sd
-from minidiff.lora import lora_layers, parse_lora_key
+from minidiff import StableDiffusionPipeline, CheckpointError, DDPMScheduler, save_tiny_sd
+from minidiff.lora import lora_layers, parse_lora_key, add_lora, lora_state_dict, UNET_TARGETS, TEXT_ENCODER_TARGETS
+from minidiff.training import ddpm_loss, fit
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 pytest.importorskip('peft')
@@ -207,3 +210,73 @@ def test_per_module_alpha_fuses_to_the_formula(folder, tmp_path):
             down, up, alpha = sd[f'{k}.lora_down.weight'], sd[f'{k}.lora_up.weight'], sd[f'{k}.alpha'].item()
             want = before[f'{part}.{n}.weight'] + 0.5 * alpha / RANK * (up.flatten(1) @ down.flatten(1)).view(m.weight.shape)
             torch.testing.assert_close(m.weight.data, want, rtol=0, atol=1e-5)
+
+# --- training an adapter (add_lora) and saving it (lora_state_dict, save_lora_weights) ---
+
+def add_both(pipe, seed=0, unet_targets=UNET_TARGETS):
+    g = torch.Generator().manual_seed(seed)
+    return [add_lora(pipe.unet, targets=unet_targets, generator=g),
+            add_lora(pipe.text_encoder, targets=TEXT_ENCODER_TARGETS, generator=g)]
+
+def test_add_lora_trains_only_the_adapter(folder):
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    base, snap = outputs(ours), snapshot(ours)
+    params = add_both(ours)
+    assert all(torch.equal(u, v) for u, v in zip(outputs(ours), base))              # B = 0: the base model exactly
+    x0, _, _, ids = inputs()
+    scheduler = DDPMScheduler()
+    def loss_fn(step):   # one batch, one t and noise: the loss of a model that learns must fall
+        emb = ours.text_encoder(ids)[0]
+        return ddpm_loss(ours.unet, scheduler, x0, torch.Generator().manual_seed(0), encoder_hidden_states=emb)
+    res = fit(params, loss_fn, steps=20, lr=1e-2, warmup=1, progress=False)
+    print('loss', res.losses[0], '->', res.losses[-1])
+    assert np.isfinite(res.losses).all() and res.losses[-1] < 0.9 * res.losses[0]
+    now = snapshot(ours)
+    assert all(torch.equal(snap[k], now[k]) for k in snap)                          # the base weights are frozen
+    assert all(p.abs().sum() > 0 for pl in params for p in pl[1::2])                # every B has moved
+    assert max_err(outputs(ours), base) > 1e-3
+
+def test_add_lora_errors(folder):
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match='named like'): add_lora(ours.unet, targets=('q_proj',))
+    add_lora(ours.unet)
+    with pytest.raises(ValueError, match='already in use'): add_lora(ours.unet)
+    add_lora(ours.unet, adapter_name='second')
+    assert ours.get_active_adapters() == ['default_0', 'second']
+    with pytest.raises(ValueError, match='at least one'): StableDiffusionPipeline.save_lora_weights(folder.parent/'x')
+
+def test_trained_adapter_round_trips_and_matches_diffusers(folder, tmp_path):
+    "A trained adapter (here: random numbers, Linear and 1x1 convolutions) saved, loaded by us and by diffusers + peft."
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    params = add_both(ours, unet_targets=UNET_TARGETS + ('proj_in', 'proj_out'))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in (p for pl in params for p in pl): p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    trained = outputs(ours)
+    f = StableDiffusionPipeline.save_lora_weights(tmp_path/'lora', unet_lora_layers=lora_state_dict(ours.unet),
+                                                  text_encoder_lora_layers=lora_state_dict(ours.text_encoder))
+    assert f.name == 'pytorch_lora_weights.safetensors'
+    fresh, ref = new_pipes(folder)
+    fresh.load_lora_weights(f.parent); ref.load_lora_weights(str(f.parent))
+    assert all(torch.equal(u, v) for u, v in zip(outputs(fresh), trained))          # bit for bit
+    assert max_err(trained, outputs(StableDiffusionPipeline.from_pretrained(folder))) > 1e-2
+    assert_close(outputs(fresh), outputs(ref))
+    assert_close(outputs(fresh, ours_scale=0.5), outputs(ref, ref_scale=0.5))
+    kw = dict(num_inference_steps=2, output_type='np', height=32, width=32, cross_attention_kwargs={'scale': 0.5})
+    a = fresh('a red ring', generator=torch.Generator().manual_seed(0), **kw).images
+    b = ref('a red ring', generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.isfinite(a).all() and np.abs(a - b).max() < 1e-4, np.abs(a - b).max()
+    print('trained adapter vs diffusers', max_err(outputs(fresh), outputs(ref)), 'images', np.abs(a - b).max())
+
+def test_lora_state_dict_converts_kohya_with_alpha(folder, tmp_path):
+    "alpha / r folded into B: a kohya file with per-module alphas, saved in diffusers' format, gives the same outputs."
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    ours.load_lora_weights(kohya_file(ours, tmp_path/'k.safetensors', alphas=(2.0, 8.0)))
+    a = outputs(ours)
+    sd = {'unet': lora_state_dict(ours.unet), 'text_encoder': lora_state_dict(ours.text_encoder)}
+    assert all(k.endswith(('.lora_A.weight', '.lora_B.weight')) for d in sd.values() for k in d)
+    f = StableDiffusionPipeline.save_lora_weights(tmp_path/'c', sd['unet'], sd['text_encoder'], weight_name='c.safetensors')
+    fresh = StableDiffusionPipeline.from_pretrained(folder)
+    fresh.load_lora_weights(f)
+    assert_close(outputs(fresh), a, atol=1e-5)
+    assert lora_state_dict(fresh.unet, 'nothing') == {}

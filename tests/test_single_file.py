@@ -164,3 +164,20 @@ def test_parts_passed_by_name_are_kept(tiny):
     folder, pipe, file = tiny
     p = StableDiffusionPipeline.from_single_file(file, config=folder, vae=pipe.vae, scheduler=pipe.scheduler)
     assert p.vae is pipe.vae and p.scheduler is pipe.scheduler and same_weights(p, pipe)
+
+@pytest.mark.skipif(not (MICRO_SD/'unet'/'diffusion_pytorch_model.safetensors').exists(), reason='micro SD weights not installed')
+def test_micro_sd_single_file_round_trip_and_diffusers(tmp_path):
+    "The shipped micro SD as one original-layout file: the folder's pictures bit for bit; diffusers within 1e-4."
+    from diffusers import StableDiffusionPipeline as DPipe
+    folder = StableDiffusionPipeline.from_pretrained(MICRO_SD)
+    file = folder.save_single_file(tmp_path/'micro.safetensors')
+    ours = StableDiffusionPipeline.from_single_file(file, config=MICRO_SD)
+    ref = DPipe.from_single_file(str(file), config=str(MICRO_SD), safety_checker=None, feature_extractor=None, local_files_only=True)
+    kw = dict(num_inference_steps=10, output_type='np')
+    a, b, c = (p(['a red circle on a blue background', 'a yellow square'], generator=torch.Generator().manual_seed(0), **kw).images
+               for p in (folder, ours, ref))
+    assert a.shape == (2, 64, 64, 3) and np.isfinite(a).all() and np.isfinite(c).all()
+    assert np.array_equal(a, b)
+    err = np.abs(b - c).max(); print('micro single file vs diffusers', err)
+    assert err < 1e-4
+    assert same_weights(folder, ours)
