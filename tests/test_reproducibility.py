@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np, pytest, torch
 from minidiff import (DDIMPipeline, DDIMScheduler, DDPMPipeline, EulerDiscreteScheduler, StableDiffusionPipeline,
                       disable_full_determinism, enable_full_determinism, randn_tensor, save_tiny_sd)
+from minidiff.core import MICRO_DDPM
 from minidiff.ddim_pipeline import save_tiny_ddpm
 from minidiff.reproducibility import FULL_DETERMINISM, TORCH_DEFAULTS, determinism_settings
 
@@ -204,6 +205,59 @@ def test_bfloat16_ddim_matches_diffusers(ddpm_dir, eta, steps):
     kw = dict(eta=eta, num_inference_steps=steps, output_type="pt")   # diffusers cannot make "np" from bfloat16
     a, b = ours(generator=gen(0), **kw).images, ref(generator=gen(0), **kw).images
     assert a.dtype == b.dtype == torch.bfloat16 and linf(a, b) <= 1e-4
+
+@pytest.fixture(scope="module")
+def micro_ddim():
+    "The shipped micro DDPM as DDIMPipeline, in float32 and in bfloat16 (loaded separately, never cast back)."
+    dtypes = (torch.float32, torch.bfloat16)
+    return {dt: quiet(DDIMPipeline.from_pretrained(MICRO_DDPM, torch_dtype=dt)) for dt in dtypes}
+
+def pairwise_rms(a, b):
+    "(B, B): root-mean-square distance of every image of `a` to every image of `b`."
+    return torch.cdist(a.flatten(1).double(), b.flatten(1).double()) / a[0].numel() ** 0.5
+
+def micro_pictures(p, n, **kw):
+    "n pictures, seeds 0..n-1, in the model's [-1, 1] units, float32."
+    return 2 * p(batch_size=n, generator=[gen(i) for i in range(n)], output_type="pt", **kw).images.float() - 1
+
+@pytest.mark.parametrize("eta,steps", [(0.0, 2), (0.0, 25), (1.0, 2), (1.0, 25)])
+def test_bfloat16_keeps_the_micro_ddpm_pictures(micro_ddim, eta, steps):
+    "The lesson's bound: every bf16 picture is nearest its own float32 picture; the median moves < half the gap."
+    n = 8
+    f32, bf16 = (micro_pictures(micro_ddim[dt], n, eta=eta, num_inference_steps=steps) for dt in micro_ddim)
+    assert torch.isfinite(f32).all() and torch.isfinite(bf16).all()
+    d, others = pairwise_rms(bf16, f32), pairwise_rms(f32, f32) + 1e9 * torch.eye(n)
+    ratio = d.diag() / others.min(1).values
+    print(f"\nbf16 vs float32, eta {eta}, {steps} steps: rms median {d.diag().median():.2e}, "
+          f"over the nearest other seed's distance: median {ratio.median():.3f}, max {ratio.max():.3f}")
+    assert torch.equal(d.argmin(1), torch.arange(n)) and ratio.median() < 0.5
+
+def test_ddim_does_not_amplify_a_one_ulp_nudge(micro_ddim):
+    "float32 DDIM from the noise moved one ulp moves the picture by < 1/100 of what bf16 moves it: no chaos."
+    p, n, steps = micro_ddim[torch.float32], 4, 25
+    def ddim_from(x):   # DDIMPipeline's loop from the starting noise x, in [-1, 1]
+        p.scheduler.set_timesteps(steps)
+        with torch.no_grad():
+            for t in p.scheduler.timesteps: x = p.scheduler.step(p.unet(x, t).sample, t, x).prev_sample
+        return 2 * (x / 2 + 0.5).clamp(0, 1) - 1
+    x = randn_tensor((n, 3, 32, 32), [gen(i) for i in range(n)])
+    f32 = ddim_from(x)
+    assert torch.equal(f32, micro_pictures(p, n, num_inference_steps=steps))   # the loop is the pipeline's
+    def rms(y): return (y - f32).flatten(1).pow(2).mean(1).sqrt()   # (B,)
+    nudged = rms(ddim_from(torch.nextafter(x, x + 1)))
+    bf16 = rms(micro_pictures(micro_ddim[torch.bfloat16], n, num_inference_steps=steps))
+    print(f"\nrms change, one-ulp nudge {nudged.max():.2e}, bf16 {bf16.median():.2e}")
+    assert torch.isfinite(nudged).all() and nudged.max() < bf16.median() / 100
+
+@pytest.mark.parametrize("eta,steps", [(0.0, 25), (1.0, 10)])
+def test_bfloat16_micro_ddpm_is_diffusers_bit_for_bit(eta, steps):
+    "diffusers' bfloat16 DDIMPipeline on the shipped micro DDPM draws minidiff's bfloat16 pictures exactly."
+    import diffusers
+    ours = quiet(DDIMPipeline.from_pretrained(MICRO_DDPM, torch_dtype=torch.bfloat16))
+    ref = quiet(diffusers.DDIMPipeline.from_pretrained(MICRO_DDPM)).to(dtype=torch.bfloat16)
+    kw = dict(batch_size=2, eta=eta, num_inference_steps=steps, output_type="pt")
+    a, b = ours(generator=gen(0), **kw).images, ref(generator=gen(0), **kw).images
+    assert a.dtype == b.dtype == torch.bfloat16 and torch.isfinite(a.float()).all() and torch.equal(a, b)
 
 def test_bfloat16_sd_matches_diffusers(sd_dir):
     "The tiny SD pipeline in bfloat16 gives diffusers' bfloat16 latents."
