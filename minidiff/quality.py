@@ -125,7 +125,7 @@ def follow_rates(images:list, items:list) -> dict:
     rates = {}
     for k in ('colour', 'shape', 'background'):
         pairs = [(getattr(r, k), e[k]) for r, (_, e, _) in zip(readings, items) if k in e]
-        rates[k] = sum(a == b for a, b in pairs) / len(pairs)
+        if pairs: rates[k] = sum(a == b for a, b in pairs) / len(pairs)   # only items that ask for k
     rates['clean'] = sum(r.clean for r in readings) / len(readings)
     return rates
 
@@ -137,17 +137,15 @@ def quality_table(pipe, guidance_scales=(1.0, 7.5), items=None, steps:int=25) ->
 
 @torch.no_grad()
 def clean_shape_rate(pipe, n:int=64, steps:int=50, seed:int=0):
-    "Share of `n` DDIM samples of an unconditional pipeline read as one clean shape; and the pictures."
-    from minidiff.ddim import DDIMScheduler
-    old, pipe.scheduler = pipe.scheduler, DDIMScheduler.from_config(pipe.scheduler.config)
-    try: images = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, output_type='np').images
-    finally: pipe.scheduler = old
+    "Share of `n` samples of an unconditional pipeline (its own scheduler) read as one clean shape; and the pictures."
+    images = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, output_type='np').images
     return sum(read_image(im).clean for im in images) / n, images
 
 def format_table(table:dict, ddpm_clean:float=None) -> str:
     "The quality table as Markdown: one row per attribute, one column per guidance scale."
     gs = list(table)
     rows = ["| attribute | " + " | ".join(f"guidance {g}" for g in gs) + " |", "|---|" + "---|" * len(gs)]
-    rows += [f"| {k} | " + " | ".join(f"{table[g][k]:.1%}" for g in gs) + " |" for k in ('colour', 'shape', 'background', 'clean')]
+    rows += [f"| {k} | " + " | ".join(f"{table[g][k]:.1%}" if k in table[g] else "-" for g in gs) + " |"
+             for k in ('colour', 'shape', 'background', 'clean')]
     if ddpm_clean is not None: rows.append(f"\nMicro DDPM: {ddpm_clean:.1%} of samples read as one clean shape.")
     return "\n".join(rows)

@@ -26,7 +26,7 @@ MICRO_DDPM_SCHEDULER = dict(beta_end=0.02, beta_schedule="linear", beta_start=0.
                             num_train_timesteps=1000, trained_betas=None, variance_type="fixed_small")
 
 # %% ../nbs/25_train_ddpm.ipynb #f89c8688
-def train_ddpm(steps:int=3000, batch_size:int=32, lr:float=2e-3, max_decay:float=0.995, snr_gamma:float=5.0, seed:int=0,
+def train_ddpm(steps:int=5000, batch_size:int=32, lr:float=2e-3, max_decay:float=0.995, snr_gamma:float=5.0, seed:int=0,
                progress:bool=True):
     "Train the micro DDPM UNet from scratch; returns (EMA UNet, scheduler, losses)."
     torch.manual_seed(seed)

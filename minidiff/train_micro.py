@@ -98,4 +98,6 @@ def main(argv=None):
     print(f"total: {logs['wall_seconds']:.0f} s")
     if not args.no_report: print(report(args.out))
 
+# %% ../nbs/27_train_micro.ipynb #fbd89ee1
+#| eval: false
 if __name__ == '__main__': main()

@@ -25,7 +25,7 @@ MICRO_UNET = dict(  # the keys of SD v1.5's unet/config.json
     act_fn="silu", attention_head_dim=4, block_out_channels=[32, 64, 64], center_input_sample=False,
     cross_attention_dim=32, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=1, mid_block_scale_factor=1,
-    norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=8,
+    norm_eps=1e-05, norm_num_groups=8, out_channels=4, sample_size=8,
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
 MICRO_TEXT_ENCODER = dict(  # the keys of SD v1.5's text_encoder/config.json
     architectures=["CLIPTextModel"], attention_dropout=0.0, bos_token_id=49406, dropout=0.0, eos_token_id=49407,
@@ -68,7 +68,7 @@ def sd_loss_fn(unet, text_encoder, tokenizer, latents, # (mean, std) of the pool
 # %% ../nbs/24_train_sd.ipynb #905629b7
 def train_sd(vae, # the trained micro VAE, `scaling_factor` set
              tokenizer, # CLIP's tokenizer
-             steps:int=2500, batch_size:int=64, pool:int=8192, lr:float=4e-3, p_drop:float=0.1, snr_gamma:float=5.0,
+             steps:int=3000, batch_size:int=64, pool:int=8192, lr:float=4e-3, p_drop:float=0.1, snr_gamma:float=5.0,
              max_decay:float=0.995, seed:int=0, progress:bool=True):
     "Train the micro UNet and text encoder from scratch; returns (EMA UNet, EMA text encoder, losses)."
     torch.manual_seed(seed)

@@ -30,7 +30,7 @@ def vae_loss(vae, # an AutoencoderKL
     return F.mse_loss(reconstruction, x) + kl_weight * posterior.kl().mean()
 
 # %% ../nbs/23_train_vae.ipynb #13d4ffcb
-def train_vae(steps:int=2500, batch_size:int=16, lr:float=2e-3, kl_weight:float=1e-8, seed:int=0, progress:bool=True):
+def train_vae(steps:int=2000, batch_size:int=16, lr:float=2e-3, kl_weight:float=1e-8, seed:int=0, progress:bool=True):
     "Train the micro VAE from scratch on shapes; returns (EMA VAE, losses)."
     torch.manual_seed(seed)
     vae, gen = AutoencoderKL(**MICRO_VAE), torch.Generator().manual_seed(seed)

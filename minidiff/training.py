@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy, math
 from dataclasses import dataclass
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 # %% auto #0

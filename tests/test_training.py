@@ -3,7 +3,7 @@ import math
 import pytest, torch
 from minidiff import UNet2DModel, DDPMScheduler
 from minidiff.shapes import shapes_batch
-from minidiff.training import ddpm_loss, fit, cosine_schedule, EMA, smooth
+from minidiff.training import ddpm_loss, fit, cosine_schedule, EMA, smooth, min_snr_weights
 from minidiff.train_vae import train_vae
 from minidiff.train_ddpm import train_ddpm
 from minidiff.train_sd import drop_captions
@@ -58,3 +58,23 @@ def test_caption_dropout_rate():
     import random
     dropped = drop_captions(["a red circle"] * 4000, random.Random(0), p_drop=0.1).count("")
     assert 300 < dropped < 500
+
+def test_min_snr_weights_match_the_formula():
+    scheduler, t = DDPMScheduler(), torch.tensor([0, 10, 100, 500, 999])
+    ab = scheduler.alphas_cumprod[t]; snr = ab / (1 - ab)
+    w = min_snr_weights(scheduler, t, 5.0)
+    assert torch.isfinite(w).all() and torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w[-1] == 1.0 and w[0] < 1e-3           # noisy steps keep weight 1, nearly clean ones almost none
+
+def test_min_snr_loss_of_a_perfect_model_is_zero_and_gamma_changes_the_loss():
+    scheduler, x0 = DDPMScheduler(), torch.randn(4, 3, 8, 8)
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t):
+            ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+            return type('Out', (), {'sample': (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()})
+    assert ddpm_loss(Oracle(), scheduler, x0, torch.Generator().manual_seed(0), snr_gamma=5.0).item() < 1e-8
+    unet = tiny_unet()
+    x = shapes_batch(8, seed=0, size=16).images * 2 - 1
+    plain = ddpm_loss(unet, scheduler, x, torch.Generator().manual_seed(1))
+    weighted = ddpm_loss(unet, scheduler, x, torch.Generator().manual_seed(1), snr_gamma=5.0)
+    assert torch.isfinite(plain) and torch.isfinite(weighted) and weighted < plain   # weights are <= 1
