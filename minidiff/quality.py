@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .shapes import COLOURS, SHAPES, Scene, coverage, article
+from .unipc import UniPCMultistepScheduler
 
 # %% auto #0
 __all__ = ['PALETTE', 'TEMPLATES', 'colour_name', 'shape_templates', 'largest_component', 'Reading', 'read_image', 'accuracy',
@@ -107,7 +108,6 @@ def prompt_set(plain_seeds:int=4, background_seeds:int=2) -> list:
 @torch.no_grad()
 def generate_set(pipe, items:list, guidance_scale:float, steps:int=25, batch_size:int=64) -> list:
     "Pictures (H, W, 3 arrays in [0, 1]) of `items`, in batches, each from its own seed, with UniPC."
-    from minidiff.unipc import UniPCMultistepScheduler
     old, pipe.scheduler = pipe.scheduler, UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     try:
         out = []

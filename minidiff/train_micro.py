@@ -14,6 +14,9 @@ from .shapes import shapes_batch
 from .train_vae import train_vae, latent_scaling_factor
 from .train_sd import train_sd, save_micro_sd
 from .train_ddpm import train_ddpm, save_micro_ddpm
+from .pipeline import DDPMPipeline
+from .sd_pipeline import StableDiffusionPipeline
+from .quality import quality_table, clean_shape_rate, format_table
 
 # %% auto #0
 __all__ = ['retrain_micro_ddpm', 'retrain_micro_sd', 'train_micro', 'report', 'main']
@@ -78,9 +81,6 @@ def train_micro(out=ASSETS, parts=('vae', 'sd', 'ddpm'), progress:bool=True) -> 
 # %% ../nbs/27_train_micro.ipynb #9eb16b8e
 def report(out=ASSETS) -> str:
     "The quality table of the micro models in `out`."
-    from minidiff.sd_pipeline import StableDiffusionPipeline
-    from minidiff.pipeline import DDPMPipeline
-    from minidiff.quality import quality_table, clean_shape_rate, format_table
     sd, ddpm = StableDiffusionPipeline.from_pretrained(Path(out)/'micro-sd'), DDPMPipeline.from_pretrained(Path(out)/'micro-ddpm')
     for p in (sd, ddpm): p.set_progress_bar_config(disable=True)
     return format_table(quality_table(sd), clean_shape_rate(ddpm)[0])

@@ -37,13 +37,16 @@ def test_micro_ddpm_trains_a_few_steps():
     assert len(losses) == 2 and all(math.isfinite(l) for l in losses)
     assert unet.config.sample_size == 32 and scheduler.config.beta_schedule == 'linear'
 
+class Oracle(torch.nn.Module):
+    "A perfect noise predictor: recovers eps from x_t, knowing x0."
+    def __init__(self, scheduler, x0): super().__init__(); self.scheduler, self.x0 = scheduler, x0
+    def forward(self, x_t, t):
+        ab = self.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return type('Out', (), {'sample': (x_t - ab.sqrt() * self.x0) / (1 - ab).sqrt()})
+
 def test_ddpm_loss_of_a_perfect_model_is_zero():
     scheduler, x0 = DDPMScheduler(), torch.randn(4, 3, 8, 8)
-    class Oracle(torch.nn.Module):      # recovers eps from x_t, knowing x0
-        def forward(self, x_t, t):
-            ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-            return type('Out', (), {'sample': (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()})
-    assert ddpm_loss(Oracle(), scheduler, x0, torch.Generator().manual_seed(0)).item() < 1e-8
+    assert ddpm_loss(Oracle(scheduler, x0), scheduler, x0, torch.Generator().manual_seed(0)).item() < 1e-8
 
 def test_cosine_schedule_and_ema():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -68,11 +71,7 @@ def test_min_snr_weights_match_the_formula():
 
 def test_min_snr_loss_of_a_perfect_model_is_zero_and_gamma_changes_the_loss():
     scheduler, x0 = DDPMScheduler(), torch.randn(4, 3, 8, 8)
-    class Oracle(torch.nn.Module):
-        def forward(self, x_t, t):
-            ab = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-            return type('Out', (), {'sample': (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()})
-    assert ddpm_loss(Oracle(), scheduler, x0, torch.Generator().manual_seed(0), snr_gamma=5.0).item() < 1e-8
+    assert ddpm_loss(Oracle(scheduler, x0), scheduler, x0, torch.Generator().manual_seed(0), snr_gamma=5.0).item() < 1e-8
     unet = tiny_unet()
     x = shapes_batch(8, seed=0, size=16).images * 2 - 1
     plain = ddpm_loss(unet, scheduler, x, torch.Generator().manual_seed(1))
