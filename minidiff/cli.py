@@ -308,8 +308,8 @@ def _generate_parser(sub):
     m.add_argument('--config', metavar='FOLDER', help="with a single file: a diffusers folder or repo with its sizes")
     m.add_argument('--lora', type=lora_spec, action='append', metavar='FILE[:SCALE]',
                    help='a LoRA file (kohya or diffusers) at SCALE (default 1); repeat for several')
-    s.add_argument('--scheduler', type=scheduler_name, default='unipc', metavar='NAME',
-                   help=f"{', '.join(SCHEDULERS)} (default: %(default)s)")
+    s.add_argument('--scheduler', type=scheduler_name, default='dpm', metavar='NAME',   # order 2: steady at high guidance
+                   help=f"{', '.join(SCHEDULERS)} (default: %(default)s, DPM-Solver++ 2M)")
     s.add_argument('--guidance', type=float, default=7.5, metavar='G',
                    help='classifier-free guidance scale; 1 = none (default: %(default)s)')
     s.add_argument('--negative-prompt', metavar='TEXT', help='what to steer away from')

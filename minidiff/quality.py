@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from .shapes import COLOURS, SHAPES, Scene, coverage, article
-from .unipc import UniPCMultistepScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
 
 # %% auto #0
 __all__ = ['PALETTE', 'TEMPLATES', 'colour_name', 'shape_templates', 'largest_component', 'Reading', 'read_image', 'accuracy',
@@ -106,9 +106,11 @@ def prompt_set(plain_seeds:int=4, background_seeds:int=2) -> list:
 
 # %% ../nbs/26_quality.ipynb #38d07da8
 @torch.no_grad()
-def generate_set(pipe, items:list, guidance_scale:float, steps:int=25, batch_size:int=64) -> list:
-    "Pictures (H, W, 3 arrays in [0, 1]) of `items`, in batches, each from its own seed, with UniPC."
-    old, pipe.scheduler = pipe.scheduler, UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+def generate_set(pipe, items:list, guidance_scale:float, steps:int=25, batch_size:int=64,
+                 scheduler=DPMSolverMultistepScheduler) -> list: # a class (built from the pipeline's config) or a scheduler
+    "Pictures (H, W, 3 arrays in [0, 1]) of `items`, in batches, each from its own seed."
+    new = scheduler.from_config(pipe.scheduler.config) if isinstance(scheduler, type) else scheduler
+    old, pipe.scheduler = pipe.scheduler, new
     try:
         out = []
         for i in range(0, len(items), batch_size):
@@ -130,10 +132,10 @@ def follow_rates(images:list, items:list) -> dict:
     return rates
 
 # %% ../nbs/26_quality.ipynb #df857a9e
-def quality_table(pipe, guidance_scales=(1.0, 7.5), items=None, steps:int=25) -> dict:
+def quality_table(pipe, guidance_scales=(1.0, 7.5), items=None, steps:int=25, scheduler=DPMSolverMultistepScheduler) -> dict:
     "{guidance scale: follow_rates} over `items` (default: `prompt_set()`)."
     items = items or prompt_set()
-    return {g: follow_rates(generate_set(pipe, items, g, steps), items) for g in guidance_scales}
+    return {g: follow_rates(generate_set(pipe, items, g, steps, scheduler=scheduler), items) for g in guidance_scales}
 
 @torch.no_grad()
 def clean_shape_rate(pipe, n:int=64, steps:int=50, seed:int=0):

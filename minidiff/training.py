@@ -13,25 +13,28 @@ from tqdm.auto import tqdm
 __all__ = ['ddpm_loss', 'min_snr_weights', 'cosine_schedule', 'EMA', 'FitResult', 'fit', 'smooth', 'plot_losses']
 
 # %% ../nbs/22_training.ipynb #53055b7e
-def ddpm_loss(model, # a UNet: model(x_t, t, **kwargs).sample predicts the noise
+def ddpm_loss(model, # a UNet: model(x_t, t, **kwargs).sample predicts the noise (or v)
               scheduler, # gives `add_noise`, `alphas_cumprod` and `num_train_timesteps`
               x0, # (B, C, H, W) clean samples (images in [-1, 1], or scaled latents)
               generator=None, # a torch.Generator for t and eps
               snr_gamma:float=None, # Min-SNR-gamma weighting (None: Ho et al.'s plain mean)
               **kwargs) -> torch.Tensor: # more model inputs, e.g. encoder_hidden_states
-    "Ho et al.'s simple loss: the MSE between the noise added to `x0` and the model's prediction of it."
+    "Ho et al.'s simple loss: the MSE between the noise added to `x0` (or `v`) and the model's prediction of it."
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    err = (model(scheduler.add_noise(x0, eps, t), t, **kwargs).sample - eps).square().mean((1, 2, 3))   # (B,)
+    v = scheduler.config.get('prediction_type') == 'v_prediction'
+    target = scheduler.get_velocity(x0, eps, t) if v else eps                                      # what the model predicts
+    err = (model(scheduler.add_noise(x0, eps, t), t, **kwargs).sample - target).square().mean((1, 2, 3))   # (B,)
     return (err * min_snr_weights(scheduler, t, snr_gamma)).mean() if snr_gamma else err.mean()
 
 # %% ../nbs/22_training.ipynb #308773a6
 def min_snr_weights(scheduler, t, gamma:float) -> torch.Tensor:
-    "`min(SNR(t), gamma) / SNR(t)` for each timestep in `t`: the Min-SNR-gamma loss weight for noise prediction."
+    "`min(SNR(t), gamma) / SNR(t)` for each timestep in `t` (`/ (SNR(t) + 1)` for v): the Min-SNR-gamma loss weight."
     alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
-    return snr.clamp(max=gamma) / snr
+    v = scheduler.config.get('prediction_type') == 'v_prediction'
+    return snr.clamp(max=gamma) / (snr + 1 if v else snr)
 
 # %% ../nbs/22_training.ipynb #eb65dbcc
 def cosine_schedule(optimizer, # a torch optimizer

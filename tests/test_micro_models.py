@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 import numpy as np, pytest, torch
 import minidiff
-from minidiff import StableDiffusionPipeline, DDPMPipeline, DDIMScheduler, UniPCMultistepScheduler, AutoencoderKL
+from minidiff import StableDiffusionPipeline, DDPMPipeline, DDIMScheduler, DPMSolverMultistepScheduler, AutoencoderKL
 from minidiff.core import ASSETS, MICRO_SD, MICRO_DDPM
 from minidiff.shapes import shapes_batch
 from minidiff.train_vae import latent_scaling_factor
@@ -57,7 +57,7 @@ def diffusers_sd():
 
 def gens(seeds): return [torch.Generator().manual_seed(s) for s in seeds]
 
-@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("scheduler", ["PNDMScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler"])
 def test_diffusers_sd_reads_the_folder_and_draws_the_same(scheduler):
     import diffusers
     ours, ref = StableDiffusionPipeline.from_pretrained(MICRO_SD), diffusers_sd()
@@ -82,8 +82,9 @@ def test_diffusers_ddpm_and_ddim_read_the_folder_and_draw_the_same(kind):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 
 def test_the_readme_prompt_is_followed():
+    "`minidiff generate`'s defaults: DPM-Solver++ 2M, 25 steps, guidance 7.5."
     pipe = StableDiffusionPipeline.from_pretrained(MICRO_SD); pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     images = pipe(["a red circle on a blue background"] * 4, num_inference_steps=25, generator=gens(range(4)), output_type="np").images
     readings = [read_image(im) for im in images]
     assert sum((r.colour, r.shape, r.background) == ("red", "circle", "blue") for r in readings) >= 3, readings
@@ -110,12 +111,31 @@ def test_quality_table_with_guidance_3():
     assert table[3.0]['colour'] >= table[1.0]['colour'] and table[3.0]['shape'] > table[1.0]['shape'], table
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 10's targets not met yet: guidance 7.5 overshoots on the micro SD "
-                   "(75% colour), and the micro DDPM paints off-palette colours (17% clean)")
-def test_quality_targets_of_issue_10():
+def test_quality_targets_of_issue_10_with_guidance_7_5():
+    "Issue 10's targets over the full prompt set (DPM-Solver++ 2M, 25 steps): colour >= 95%, shape >= 85%, above unguided."
     from minidiff.quality import quality_table
     pipe = StableDiffusionPipeline.from_pretrained(MICRO_SD); pipe.set_progress_bar_config(disable=True)
     table = quality_table(pipe)
-    ddpm = DDPMPipeline.from_pretrained(MICRO_DDPM); ddpm.set_progress_bar_config(disable=True)
     assert table[7.5]['colour'] >= 0.95 and table[7.5]['shape'] >= 0.85, table
+    assert table[7.5]['colour'] > table[1.0]['colour'] and table[7.5]['shape'] > table[1.0]['shape'], table
+
+def test_high_order_solvers_break_guidance_7_5_on_the_micro_sd():
+    "Why the table uses DPM-Solver++ 2M: at 7.5 and 25 steps UniPC (order 2 + corrector) loses the prompt, its predictor does not."
+    from minidiff import UniPCMultistepScheduler
+    pipe = StableDiffusionPipeline.from_pretrained(MICRO_SD); pipe.set_progress_bar_config(disable=True)
+    items = prompt_set(plain_seeds=1, background_seeds=0)
+    rate = lambda **kw: follow_rates(generate_set(pipe, items, 7.5, scheduler=UniPCMultistepScheduler.from_config(
+        pipe.scheduler.config, **kw)), items)['colour']
+    assert rate(disable_corrector=list(range(25))) >= 0.95 and rate() < 0.9
+
+
+@pytest.mark.slow
+def test_quality_target_of_issue_10_for_the_micro_ddpm():
+    "Issue 10's target: at least 80% of 64 samples (its own DDPM scheduler, 50 steps) read as one clean shape."
+    ddpm = DDPMPipeline.from_pretrained(MICRO_DDPM); ddpm.set_progress_bar_config(disable=True)
     assert clean_shape_rate(ddpm)[0] >= 0.8
+
+def test_micro_ddpm_predicts_v():
+    "The micro DDPM is a v-prediction model; the schedulers and diffusers read that from its config."
+    config = json.loads((MICRO_DDPM/"scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction"
