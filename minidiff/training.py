@@ -10,31 +10,44 @@ import torch
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['ddpm_loss', 'min_snr_weights', 'cosine_schedule', 'EMA', 'FitResult', 'fit', 'smooth', 'plot_losses']
+__all__ = ['prediction_target', 'ddpm_loss', 'min_snr_weights', 'cosine_schedule', 'EMA', 'FitResult', 'fit', 'smooth',
+           'plot_losses']
+
+# %% ../nbs/22_training.ipynb #b7eea166
+def prediction_target(scheduler, # its config's `prediction_type` says what the model predicts
+                      x0, eps, t) -> torch.Tensor:
+    "What a model trained for `scheduler` must predict from `add_noise(x0, eps, t)`: `eps`, `v` or `x0` itself."
+    kind = scheduler.config.get('prediction_type', 'epsilon')
+    if kind == 'epsilon': return eps
+    if kind == 'v_prediction': return scheduler.get_velocity(x0, eps, t)
+    if kind == 'sample': return x0
+    raise ValueError(f"prediction_type {kind!r}: training knows 'epsilon', 'v_prediction' and 'sample'")
 
 # %% ../nbs/22_training.ipynb #53055b7e
-def ddpm_loss(model, # a UNet: model(x_t, t, **kwargs).sample predicts the noise (or v)
+def ddpm_loss(model, # a UNet: model(x_t, t, **kwargs).sample predicts `prediction_target`
               scheduler, # gives `add_noise`, `alphas_cumprod` and `num_train_timesteps`
               x0, # (B, C, H, W) clean samples (images in [-1, 1], or scaled latents)
               generator=None, # a torch.Generator for t and eps
               snr_gamma:float=None, # Min-SNR-gamma weighting (None: Ho et al.'s plain mean)
               **kwargs) -> torch.Tensor: # more model inputs, e.g. encoder_hidden_states
-    "Ho et al.'s simple loss: the MSE between the noise added to `x0` (or `v`) and the model's prediction of it."
+    "Ho et al.'s simple loss: the MSE between the noise added to `x0` (or `v`, or `x0`) and the model's prediction."
     b = x0.shape[0]
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-    v = scheduler.config.get('prediction_type') == 'v_prediction'
-    target = scheduler.get_velocity(x0, eps, t) if v else eps                                      # what the model predicts
+    target = prediction_target(scheduler, x0, eps, t)
     err = (model(scheduler.add_noise(x0, eps, t), t, **kwargs).sample - target).square().mean((1, 2, 3))   # (B,)
     return (err * min_snr_weights(scheduler, t, snr_gamma)).mean() if snr_gamma else err.mean()
 
 # %% ../nbs/22_training.ipynb #308773a6
 def min_snr_weights(scheduler, t, gamma:float) -> torch.Tensor:
-    "`min(SNR(t), gamma) / SNR(t)` for each timestep in `t` (`/ (SNR(t) + 1)` for v): the Min-SNR-gamma loss weight."
+    "`min(SNR(t), gamma) / SNR(t)` for each timestep in `t` (`/ (SNR(t) + 1)` for v, `/ 1` for x0): Min-SNR-gamma."
+    kind = scheduler.config.get('prediction_type', 'epsilon')
+    if kind not in ('epsilon', 'v_prediction', 'sample'):
+        raise ValueError(f"prediction_type {kind!r}: Min-SNR knows 'epsilon', 'v_prediction' and 'sample'")
     alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
-    v = scheduler.config.get('prediction_type') == 'v_prediction'
-    return snr.clamp(max=gamma) / (snr + 1 if v else snr)
+    in_x0 = {'epsilon': snr, 'v_prediction': snr + 1, 'sample': torch.ones_like(snr)}[kind]  # |target err|^2 / |x0 err|^2
+    return snr.clamp(max=gamma) / in_x0
 
 # %% ../nbs/22_training.ipynb #eb65dbcc
 def cosine_schedule(optimizer, # a torch optimizer

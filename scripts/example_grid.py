@@ -2,28 +2,26 @@
 defaults (DPM-Solver++ 2M, 25 steps, guidance 7.5), seed 0 for every prompt, titled with what the evaluator reads."""
 import sys
 from pathlib import Path
-import torch
+import numpy as np
 from PIL import Image, ImageDraw
-from minidiff import StableDiffusionPipeline, DPMSolverMultistepScheduler
+from minidiff import StableDiffusionPipeline
 from minidiff.core import MICRO_SD
-from minidiff.shapes import COLOURS, SHAPES, article
-from minidiff.quality import read_image
+from minidiff.shapes import COLOURS, SHAPES
+from minidiff.quality import prompt_set, generate_set, follow_rates, read_image
 
-def main(out=Path(__file__).parents[1]/"nbs"/"images"/"micro_sd_examples.png", side=104, pad=8, label=20):
+def main(out=Path(__file__).parents[1]/"nbs"/"images"/"micro_sd_examples.png", side=104, pad=8, label=24):
     pipe = StableDiffusionPipeline.from_pretrained(MICRO_SD); pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    prompts = [f"{article(c)} {s}" for s in SHAPES for c in COLOURS]            # rows: shapes, columns: colours
-    images = pipe(prompts, num_inference_steps=25, guidance_scale=7.5,
-                  generator=[torch.Generator().manual_seed(0) for _ in prompts]).images
-    grid = Image.new("RGB", (len(COLOURS) * (side + pad), len(SHAPES) * (side + label + 4)), "white")
-    draw, right = ImageDraw.Draw(grid), 0
+    items = prompt_set(plain_seeds=1, background_seeds=0)         # "a red circle", ...: colour-major, seed 0 each
+    images = generate_set(pipe, items, 7.5)                        # the table's sampler: DPM-Solver++ 2M, 25 steps
+    grid = Image.new("RGB", (len(COLOURS) * (side + pad), len(SHAPES) * (side + label)), "white")
+    draw = ImageDraw.Draw(grid)
     for k, im in enumerate(images):
+        x, y = (k // len(SHAPES)) * (side + pad), (k % len(SHAPES)) * (side + label)   # columns: colours, rows: shapes
+        grid.paste(Image.fromarray((im * 255).round().astype(np.uint8)).resize((side, side), Image.BILINEAR), (x, y))
         r = read_image(im)
-        x, y = (k % len(COLOURS)) * (side + pad), (k // len(COLOURS)) * (side + label + 4)
-        grid.paste(im.resize((side, side), Image.BILINEAR), (x, y))
         draw.text((x, y + side + 3), f"{r.colour} {r.shape}", fill="black")
-        right += (r.colour, r.shape) == tuple(prompts[k].split()[-2:])
     grid.save(out)
-    print(f"wrote {out}: the evaluator reads {right} of {len(prompts)} right")
+    rates = follow_rates(images, items)
+    print(f"wrote {out}: the evaluator reads colour {rates['colour']:.0%}, shape {rates['shape']:.0%} right")
 
 if __name__ == "__main__": main(*sys.argv[1:2])

@@ -3,7 +3,7 @@ import math
 import pytest, torch
 from minidiff import UNet2DModel, DDPMScheduler
 from minidiff.shapes import shapes_batch
-from minidiff.training import ddpm_loss, fit, cosine_schedule, EMA, smooth, min_snr_weights
+from minidiff.training import ddpm_loss, fit, cosine_schedule, EMA, smooth, min_snr_weights, prediction_target
 from minidiff.train_vae import train_vae
 from minidiff.train_ddpm import train_ddpm
 from minidiff.train_sd import drop_captions
@@ -77,3 +77,27 @@ def test_min_snr_loss_of_a_perfect_model_is_zero_and_gamma_changes_the_loss():
     plain = ddpm_loss(unet, scheduler, x, torch.Generator().manual_seed(1))
     weighted = ddpm_loss(unet, scheduler, x, torch.Generator().manual_seed(1), snr_gamma=5.0)
     assert torch.isfinite(plain) and torch.isfinite(weighted) and weighted < plain   # weights are <= 1
+
+def test_prediction_target_follows_the_schedulers_prediction_type():
+    x0, eps, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([10, 900])
+    v_scheduler = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.equal(prediction_target(DDPMScheduler(), x0, eps, t), eps)
+    assert torch.equal(prediction_target(DDPMScheduler(prediction_type="sample"), x0, eps, t), x0)
+    assert torch.equal(prediction_target(v_scheduler, x0, eps, t), v_scheduler.get_velocity(x0, eps, t))
+    other = type("Flow", (), {"config": {"prediction_type": "flow"}})()
+    for f in (lambda: prediction_target(other, x0, eps, t), lambda: min_snr_weights(other, t, 5.0)):
+        with pytest.raises(ValueError, match="prediction_type 'flow'"): f()
+
+def test_min_snr_weights_the_x0_error_alike_for_every_target():
+    t = torch.arange(1000)
+    snr = DDPMScheduler().alphas_cumprod / (1 - DDPMScheduler().alphas_cumprod)
+    for kind, in_x0 in [("epsilon", snr), ("v_prediction", snr + 1), ("sample", torch.ones_like(snr))]:
+        w = min_snr_weights(DDPMScheduler(prediction_type=kind), t, 5.0)
+        torch.testing.assert_close(w * in_x0, snr.clamp(max=5.0))            # the x0 error's weight: min(SNR, gamma)
+
+def test_ddpm_loss_of_a_perfect_v_model_is_zero():
+    scheduler, x0 = DDPMScheduler(prediction_type="v_prediction"), torch.randn(4, 3, 8, 8)
+    eps_model = Oracle(scheduler, x0)
+    class VOracle(torch.nn.Module):     # v from the perfect noise prediction
+        def forward(self, x_t, t): return type("Out", (), {"sample": scheduler.get_velocity(x0, eps_model(x_t, t).sample, t)})
+    assert ddpm_loss(VOracle(), scheduler, x0, torch.Generator().manual_seed(0), snr_gamma=5.0).item() < 1e-8
