@@ -227,8 +227,8 @@ def randn_tensor(shape, # (B, ...) shape of the noise
     rand_device = 'cpu' if gen_device.type == 'cpu' else device
     if isinstance(generator, list):   # one (1, ...) draw per image, each from its own generator
         return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype)
-                          for g in generator]).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+                          for g in generator]).to(device, non_blocking=True)
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device, non_blocking=True)
 
 # %% ../nbs/00_core.ipynb #3a659a33
 def pt_to_numpy(images: torch.Tensor) -> np.ndarray:

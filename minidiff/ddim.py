@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from .core import randn_tensor, register_to_config, patch
-from .ddpm_scheduler import predict_original_sample
+from .ddpm_scheduler import predict_original_sample, alpha_bar_at
 from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS,
                                PREDICTION_TYPES, check_choice, threshold_sample, spaced_timesteps)
 
@@ -91,7 +91,5 @@ def add_noise(self: DDIMScheduler, original_samples, # (B, C, H, W) x_0
               noise, # (B, C, H, W) eps
               timesteps): # (B,) integer t
     "Forward-diffuse `original_samples` to `timesteps` (DDPM eq. 4)."
-    x = original_samples
-    alpha_bar = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)[torch.as_tensor(timesteps, device=x.device)]
-    alpha_bar = alpha_bar.flatten().reshape(-1, *[1] * (x.ndim - 1))  # (B, 1, 1, 1)
+    x, alpha_bar = original_samples, alpha_bar_at(self.alphas_cumprod, timesteps, original_samples)  # (B, 1, 1, 1)
     return alpha_bar ** 0.5 * x + (1 - alpha_bar) ** 0.5 * noise

@@ -13,7 +13,8 @@ from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero
                                spaced_timesteps)
 
 # %% auto #0
-__all__ = ['VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample', 'posterior_mean', 'posterior_std', 'DDPMScheduler']
+__all__ = ['VARIANCE_TYPES', 'ddpm_timesteps', 'predict_original_sample', 'posterior_mean', 'posterior_std', 'DDPMScheduler',
+           'alpha_bar_at']
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #8c2ec9e8
 def ddpm_timesteps(num_inference_steps:int, # how many sampling steps
@@ -111,7 +112,7 @@ def set_timesteps(self: DDPMScheduler, num_inference_steps:int=None, device=None
         check_num_inference_steps(num_inference_steps, T)
         ts = ddpm_timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
         self.num_inference_steps, self.custom_timesteps = num_inference_steps, False
-    self.timesteps = ts.to(device)
+    self.timesteps, self._host_timesteps = ts.to(device), ts.tolist()   # the host copy: step reads it, not the device
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #4966889b
 @patch
@@ -122,11 +123,10 @@ def previous_timestep(self: DDPMScheduler, timestep):
     if isinstance(timestep, bool) or not 0 <= t < self.config.num_train_timesteps:
         raise ValueError(f"timestep {timestep!r} is outside [0, {self.config.num_train_timesteps})")
     if not (self.custom_timesteps or self.num_inference_steps): return timestep - 1
-    idx = (self.timesteps == timestep).nonzero()
-    if len(idx) == 0:
-        raise ValueError(f"timestep {int(timestep)} is not one of this scheduler's timesteps {self.timesteps.tolist()}")
-    i = idx[0, 0].item()
-    return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else torch.tensor(-1)
+    ts = self._host_timesteps
+    if t not in ts: raise ValueError(f"timestep {t} is not one of this scheduler's timesteps {ts}")
+    i = ts.index(t)
+    return torch.tensor(ts[i + 1] if i + 1 < len(ts) else -1)
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #163a3b4c
 def _split_learned_variance(self, model_output, sample):
@@ -166,15 +166,23 @@ def step(self: DDPMScheduler, model_output:torch.Tensor, # (B, C, H, W), or (B, 
     return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #ebc0585e
+def alpha_bar_at(alphas_cumprod, # (T,) alpha_bar of the training schedule, on the host
+                 timesteps, # (B,) integer timesteps on any device, a list, or one int
+                 like): # (B, ...) the tensor it will multiply: its device and dtype
+    "`alpha_bar` at `timesteps`, (B, 1, ...) on `like`'s device; the copies there are queued (`non_blocking`)."
+    to_like = dict(device=like.device, non_blocking=True)
+    ts = torch.as_tensor(timesteps).to(**to_like)
+    return alphas_cumprod.to(dtype=like.dtype, **to_like)[ts].flatten().reshape(-1, *[1] * (like.ndim - 1))
+
 @patch
 def _alpha_bar_at(self: DDPMScheduler, timesteps, like):
-    "`alpha_bar` at `timesteps`, shaped to broadcast against `like` (B, ...)."
-    ts = torch.as_tensor(timesteps, device=like.device)
+    "`alpha_bar_at`, checking timesteps that are on the host (reading them off a GPU would make the host wait)."
+    ts = torch.as_tensor(timesteps)
     if ts.is_floating_point() or ts.is_complex(): raise TypeError(f"timesteps must be integers, got {ts.dtype}")
     T = self.config.num_train_timesteps
-    if ts.numel() and (ts.min() < 0 or ts.max() >= T): raise ValueError(f"timesteps {ts.tolist()} outside [0, {T})")
-    ab = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[ts]
-    return ab.flatten().reshape(-1, *[1] * (like.ndim - 1))
+    if ts.device.type == 'cpu' and ts.numel() and (ts.min() < 0 or ts.max() >= T):
+        raise ValueError(f"timesteps {ts.tolist()} outside [0, {T})")
+    return alpha_bar_at(self.alphas_cumprod, ts, like)
 
 # %% ../nbs/03_ddpm_scheduler.ipynb #498d3ce7
 @patch

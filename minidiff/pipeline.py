@@ -159,9 +159,10 @@ class DDPMPipeline(DiffusionPipeline):
         s = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, *((s, s) if isinstance(s, int) else s))
         image = randn_tensor(shape, generator, device=self.device, dtype=self.unet.dtype)   # (B, C, H, W)
-        self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps                          # on the device; step reads a host copy
+        for t, t_host in zip(self.progress_bar(timesteps), timesteps.cpu()):
             model_output = self.unet(image, t).sample
-            image = self.scheduler.step(model_output, t, image, generator=generator, **step_kwargs).prev_sample
+            image = self.scheduler.step(model_output, t_host, image, generator=generator, **step_kwargs).prev_sample
         image = postprocess(image, output_type)
         return ImagePipelineOutput(images=image) if return_dict else (image,)

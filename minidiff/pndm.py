@@ -9,6 +9,7 @@ import torch
 from .schedule import (SchedulerMixin, SchedulerOutput, train_schedule, TIMESTEP_SPACINGS, check_choice,
                                check_num_inference_steps, spaced_timesteps)
 from .core import register_to_config, patch
+from .ddpm_scheduler import alpha_bar_at
 
 # %% auto #0
 __all__ = ['pndm_transfer', 'pndm_timesteps', 'pndm_step_timesteps', 'plms_combine', 'PNDMScheduler']
@@ -133,7 +134,5 @@ def add_noise(self: PNDMScheduler, original_samples, # (B, ...) clean samples
               noise, # (B, ...)
               timesteps): # (B,) integer timesteps
     "Forward diffusion (DDPM eq. 4): `sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps`."
-    x = original_samples
-    ac = self.alphas_cumprod.to(device=x.device, dtype=x.dtype)[torch.as_tensor(timesteps, device=x.device)]
-    ac = ac.flatten().reshape(-1, *[1] * (x.ndim - 1))
+    x, ac = original_samples, alpha_bar_at(self.alphas_cumprod, timesteps, original_samples)   # (B, 1, 1, 1)
     return ac**0.5 * x + (1 - ac) ** 0.5 * noise

@@ -195,10 +195,10 @@ def denoise(self: StableDiffusionPipeline, latents, timesteps, prompt_embeds, ne
     state = dict(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **extra)
     self._num_timesteps = len(timesteps)
     first_bad = torch.full((), -1, device=latents.device)      # first step whose latents hold NaN/inf
-    for i, t in enumerate(self.progress_bar(timesteps)):
+    for i, (t, t_host) in enumerate(zip(self.progress_bar(timesteps), timesteps.cpu())):
         if self.interrupt: continue
         state['noise_pred'] = self.predict_noise(state, t)
-        latents = self.scheduler.step(state['noise_pred'], t, state['latents'], **step_kwargs).prev_sample
+        latents = self.scheduler.step(state['noise_pred'], t_host, state['latents'], **step_kwargs).prev_sample
         state['latents'] = self._after_step(latents, i, timesteps, state)
         if callback is not None:
             out = callback(self, i, t, {k: state[k] for k in callback_inputs}) or {}

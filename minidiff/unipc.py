@@ -45,13 +45,14 @@ def uni_bh_update(x, # (B, ...) sample at s0 (the start of the step)
     rks = [(lam(s_i) - lambda_s0) / h for s_i, _ in past]
     D1s = [(m_i - m0) / rk for rk, (_, m_i) in zip(rks, past)]
     hh = -h if predict_x0 else h
-    R, b, h_phi_1, B_h = unipc_system(hh, torch.stack(rks + [torch.ones((), device=x.device)]), order, solver_type)
+    R, b, h_phi_1, B_h = unipc_system(hh, torch.stack(rks + [torch.ones_like(h)]), order, solver_type)  # host maths
+    def solve(A, y): return torch.linalg.solve(A, y).to(x.dtype).to(x.device, non_blocking=True)    # (k,) rhos
     half = torch.full((1,), 0.5, dtype=x.dtype, device=x.device)
     if model_t is None:                                  # UniP: the first order - 1 equations
-        rhos = half if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1]).to(x.dtype) if order > 2 else None
+        rhos = half if order == 2 else solve(R[:-1, :-1], b[:-1]) if order > 2 else None
         res = torch.einsum('k,k...->...', rhos, torch.stack(D1s)) if D1s else 0
     else:                                                # UniC: all order equations, m_t the last point
-        rhos = half if order == 1 else torch.linalg.solve(R, b).to(x.dtype)
+        rhos = half if order == 1 else solve(R, b)
         res = (torch.einsum('k,k...->...', rhos[:-1], torch.stack(D1s)) if D1s else 0) + rhos[-1] * (model_t - m0)
     if predict_x0: x_t = sig_t / sig_s0 * x - alpha_t * h_phi_1 * m0 - alpha_t * B_h * res
     else: x_t = alpha_t / alpha_s0 * x - sig_t * h_phi_1 * m0 - sig_t * B_h * res
@@ -154,7 +155,7 @@ def step(self: UniPCMultistepScheduler, model_output, timestep, sample, return_d
     "Correct `sample` with UniC (using `model_output`), then predict the next sample with UniP."
     if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step()")
     if self._step_index is None: self._init_step_index(timestep)
-    i, cfg, sig = self._step_index, self.config, self.sigmas.to(sample.device)
+    i, cfg, sig = self._step_index, self.config, self.sigmas      # on the host: 0-d scalars in the device maths
     if i >= len(self.timesteps):
         raise ValueError(f"all {len(self.timesteps)} steps are done: call set_timesteps to sample again")
     m_t = convert_model_output(model_output, sample, self.sigmas[i], cfg.prediction_type, self.predict_x0,
