@@ -72,17 +72,17 @@ elif kind == "unet":
     model = model_cls("UNet2DConditionModel").from_pretrained(f"{spec['folder']}/unet", **load_kw).to(dev).eval()
     if spec.get("sliced"): need(model, "set_attention_slice"); model.set_attention_slice("auto")
     if spec.get("compiled"): model = compile_(model)
-    x = torch.randn(b, 4, res // 8, res // 8, generator=g).to(dev, dtype)
+    inp = [torch.randn(b, 4, res // 8, res // 8, generator=g).to(dev, dtype)]
     emb = torch.randn(b, 77, model.config.cross_attention_dim, generator=g).to(dev, dtype)
     t = torch.tensor(500, device=dev)
-    fn = lambda: model(x, t, encoder_hidden_states=emb).sample
+    fn = lambda: model(inp[0], t, encoder_hidden_states=emb).sample
 elif kind == "vae":
     model = model_cls("AutoencoderKL").from_pretrained(f"{spec['folder']}/vae", **load_kw).to(dev).eval()
     if spec.get("tiled"): need(model, "enable_tiling"); model.enable_tiling()
     if spec.get("sliced"): need(model, "enable_slicing"); model.enable_slicing()
     if spec.get("compiled"): model.decoder = compile_(model.decoder)
-    z = torch.randn(b, 4, res // 8, res // 8, generator=g).to(dev, dtype)
-    fn = lambda: model.decode(z).sample
+    inp = [torch.randn(b, 4, res // 8, res // 8, generator=g).to(dev, dtype)]
+    fn = lambda: model.decode(inp[0]).sample
 else:
     pipe = load_pipe()
     if spec.get("sliced"): need(pipe, "enable_attention_slicing"); pipe.enable_attention_slicing()
@@ -98,6 +98,11 @@ else:
         stamps.clear()
         return pipe(**kw, num_inference_steps=n, generator=[torch.Generator().manual_seed(i) for i in range(b)]).images
 
+def layout(fmt):
+    "Put the model's weights and its input in memory format `fmt` (torch.channels_last or torch.contiguous_format)."
+    model.to(memory_format=fmt); inp[0] = inp[0].contiguous(memory_format=fmt)
+
+if spec.get("channels_last"): layout(torch.channels_last)
 with torch.no_grad():
     try:
         t0 = now(); out = fn() if kind != "pipe" else fn(spec.get("warm_steps", steps)); first = now() - t0
@@ -121,7 +126,13 @@ with torch.no_grad():
                 for e in avg]
         top = [e for e in p.events() if e.cpu_parent is None and e.name.startswith("aten::")]
         extra.update(top_ops=len(top), kernel_s=sum(e.cpu_time_total for e in top) / 1e6)
+if spec.get("channels_last"):                          # the same call in the default layout: how far the numbers move
+    with torch.no_grad(): layout(torch.contiguous_format); ref = fn()
+    extra["layout_max_diff"] = float((out.float() - ref.float()).abs().max())
 out = torch.as_tensor(out).float()
-done(time_s=statistics.median(times), times=times, first_s=first, compile_s=(first - statistics.median(times)) if
+steady_first = statistics.median(times)            # what the first call would take without compiling
+if kind == "pipe" and extra.get("fixed_s") is not None:
+    steady_first = extra["fixed_s"] + spec.get("warm_steps", steps) * extra["per_step_s"]
+done(time_s=statistics.median(times), times=times, first_s=first, compile_s=(first - steady_first) if
      spec.get("compiled") else None, peak_mb=max(peak_before, peak_mb()), extra_mb=peak_mb() - base,
      finite=bool(out.isfinite().all()), checksum=float(out.abs().double().sum()), profile=prof, **extra)

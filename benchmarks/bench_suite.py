@@ -28,12 +28,16 @@ LIBS = ("minidiff", "diffusers")
 # name: (group, label, spec). `steps` in a "pipe" spec is the number of steps measured; the row reports 25 steps,
 # measured when steps == 25 and otherwise extrapolated as (time outside the steps) + 25 x (median time of one step).
 ROWS = {
-    "text": ("parts", "text encoding, 2 x 77 tokens", dict(kind="text", batch=2, inner=3)),
+    "text": ("parts", "text encoding, 2 x 77 tokens", dict(kind="text", batch=2, inner=20)),
     "unet_b1": ("parts", "UNet step, batch 1", dict(kind="unet", batch=1, inner=2)),
     "unet_b2": ("parts", "UNet step, batch 2 (CFG)", dict(kind="unet", batch=2, inner=2)),
     "unet_b2_sliced": ("parts", "UNet step, batch 2, attention slicing 'auto'",
                        dict(kind="unet", batch=2, inner=2, sliced=True)),
     "vae": ("parts", "VAE decode 512²", dict(kind="vae", batch=1, inner=2)),
+    "unet_b2_channels_last": ("parts", "UNet step, batch 2, channels_last",
+                              dict(kind="unet", batch=2, inner=2, channels_last=True)),
+    "vae_channels_last": ("parts", "VAE decode 512², channels_last", dict(kind="vae", batch=1, inner=2,
+                                                                        channels_last=True)),
     "vae_1024": ("parts", "VAE decode 1024²", dict(kind="vae", batch=1, res=1024)),
     "vae_1024_tiled": ("parts", "VAE decode 1024², tiled", dict(kind="vae", batch=1, res=1024, tiled=True)),
     "image_b1": ("image", "512² image, 25 UniPC steps, batch 1", dict(kind="pipe", batch=1, steps=25, warm_steps=2)),
@@ -42,13 +46,15 @@ ROWS = {
     "image_b8": ("image", "512² image, 25 steps, batch 8", dict(kind="pipe", batch=8, steps=2, warm_steps=1)),
     "image_b8_sliced": ("image", "512² image, 25 steps, batch 8, attention slicing",
                         dict(kind="pipe", batch=8, steps=2, warm_steps=1, sliced=True)),
-    "text_compiled": ("compiled", "text encoding, compiled", dict(kind="text", batch=2, inner=3, compiled=True)),
+    "text_compiled": ("compiled", "text encoding, compiled", dict(kind="text", batch=2, inner=20, compiled=True)),
     "unet_b2_compiled": ("compiled", "UNet step, batch 2, compiled", dict(kind="unet", batch=2, inner=2,
                                                                          compiled=True)),
     "vae_compiled": ("compiled", "VAE decode 512², decoder compiled", dict(kind="vae", batch=1, inner=2,
                                                                           compiled=True)),
     "image_b1_compiled": ("compiled", "512² image, 25 steps, batch 1, compiled",
                           dict(kind="pipe", batch=1, steps=25, warm_steps=2, compiled=True)),
+    "image_b8_compiled": ("compiled", "512² image, 25 steps, batch 8, compiled",
+                          dict(kind="pipe", batch=8, steps=2, warm_steps=1, compiled=True)),
     "small": ("small", "small pipeline, 25 UniPC steps, 64², batch 2",
               dict(kind="pipe", tiny=True, batch=2, res=64, steps=25, inner=5)),
     "small_compiled": ("small", "small pipeline, compiled", dict(kind="pipe", tiny=True, batch=2, res=64, steps=25,
@@ -112,6 +118,7 @@ def summarise(runs, spec):
     if spec.get("compiled"):
         s["compile_cold_s"] = ok[0]["compile_s"]
         s["compile_warm_s"] = median([r["compile_s"] for r in ok[1:]])
+    if "layout_max_diff" in ok[0]: s["layout_max_diff"] = max(r["layout_max_diff"] for r in ok)
     if spec["kind"] == "pipe" and ok[0].get("per_step_s") is not None:
         s["per_step_s"] = median([r["per_step_s"] for r in ok])
         s["image_s"] = (s["time_s"] if spec["steps"] == 25 else
@@ -187,6 +194,19 @@ def compile_table(rows, names):
                        f"{fmt(m.get('compile_cold_s'), 1)} / {fmt(m.get('compile_warm_s'), 1)} |")
     return "\n".join(out)
 
+def layout_table(rows):
+    "channels_last against the same row in the default layout: each library's time ratio and how far its output moves."
+    out = ["| row | diffusers: channels_last / default time | minidiff: channels_last / default time | "
+           "max difference from the default layout d / m |", "|---|---|---|---|"]
+    for n, r in rows.items():
+        base = rows.get(n.replace("_channels_last", ""))
+        if not r["spec"].get("channels_last") or not base: continue
+        cell = lambda l: (fmt(r[l]["time_s"] / base[l]["time_s"]) if r[l]["status"] == base[l]["status"] == "ok"
+                          else "—")
+        diff = " / ".join(f"{r[l].get('layout_max_diff', float('nan')):.1e}" for l in LIBS[::-1])
+        out.append(f"| {r['label']} | {cell('diffusers')} | {cell('minidiff')} | {diff} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
 def targets(rows):
     "The issue's targets, each with its figure and verdict."
     out = []
@@ -230,6 +250,9 @@ def render(res):
         names = [n for n in ROWS if n in rows and rows[n]["group"] == g]
         if not names: continue
         lines += [f"## {title}", "", row_table(rows, names), ""]
+        if g == "parts" and layout_table(rows):
+            lines += ["channels_last (opt-in) against the default layout, same process pairs' medians:", "",
+                      layout_table(rows), ""]
         if g in ("compiled", "small") and compile_table(rows, names).count("\n") > 1:
             lines += ["Compile time (first call minus a steady call):", "", compile_table(rows, names), ""]
     lines += ["## Targets", "", targets(rows), "", "Plot: `python benchmarks/plot_results.py "
