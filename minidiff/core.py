@@ -15,7 +15,7 @@ from PIL import Image
 # %% auto #0
 __all__ = ['DIFFUSERS_VERSION', 'ASSETS', 'MICRO_SD', 'MICRO_DDPM', 'BaseOutput', 'FrozenDict', 'register_class',
            'register_to_config', 'patch', 'CheckpointNotFoundError', 'resolve_file', 'ConfigMixin', 'check_generators',
-           'randn_tensor', 'pt_to_numpy', 'numpy_to_pil', 'grid_shape', 'image_grid', 'show_images']
+           'to_device', 'randn_tensor', 'pt_to_numpy', 'numpy_to_pil', 'grid_shape', 'image_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #85f994b2
 class BaseOutput(OrderedDict):
@@ -212,6 +212,11 @@ def check_generators(generator, # a `torch.Generator`, a list of them, or None
         raise ValueError(f"got {len(generator)} generators for {batch_size} images: "
                          "pass one generator or one per image")
 
+# %% ../nbs/00_core.ipynb #24eebb57
+def to_device(x:torch.Tensor, device, dtype=None) -> torch.Tensor:
+    "`x` on `device`: a copy from the host is queued (`non_blocking`), a copy back to the host waits for its data."
+    return x.to(device=device, dtype=dtype, non_blocking=x.device.type == 'cpu')
+
 # %% ../nbs/00_core.ipynb #63955630
 def randn_tensor(shape, # (B, ...) shape of the noise
                  generator=None, # a `torch.Generator`, a list of them (one per batch item), or None
@@ -226,9 +231,9 @@ def randn_tensor(shape, # (B, ...) shape of the noise
         raise ValueError(f"cannot draw a {device.type} tensor from a {gen_device.type} generator")
     rand_device = 'cpu' if gen_device.type == 'cpu' else device
     if isinstance(generator, list):   # one (1, ...) draw per image, each from its own generator
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype)
-                          for g in generator]).to(device, non_blocking=True)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device, non_blocking=True)
+        return to_device(torch.cat([torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype)
+                                    for g in generator]), device)
+    return to_device(torch.randn(shape, generator=generator, device=rand_device, dtype=dtype), device)
 
 # %% ../nbs/00_core.ipynb #3a659a33
 def pt_to_numpy(images: torch.Tensor) -> np.ndarray:

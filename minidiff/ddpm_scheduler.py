@@ -7,7 +7,7 @@ from __future__ import annotations
 import operator
 import numpy as np
 import torch
-from .core import register_to_config, randn_tensor, patch
+from .core import register_to_config, randn_tensor, to_device, patch
 from .schedule import (SchedulerMixin, SchedulerOutput, make_betas, rescale_zero_terminal_snr, TIMESTEP_SPACINGS,
                                PREDICTION_TYPES, check_choice, check_num_inference_steps, threshold_sample,
                                spaced_timesteps)
@@ -169,10 +169,9 @@ def step(self: DDPMScheduler, model_output:torch.Tensor, # (B, C, H, W), or (B, 
 def alpha_bar_at(alphas_cumprod, # (T,) alpha_bar of the training schedule, on the host
                  timesteps, # (B,) integer timesteps on any device, a list, or one int
                  like): # (B, ...) the tensor it will multiply: its device and dtype
-    "`alpha_bar` at `timesteps`, (B, 1, ...) on `like`'s device; the copies there are queued (`non_blocking`)."
-    to_like = dict(device=like.device, non_blocking=True)
-    ts = torch.as_tensor(timesteps).to(**to_like)
-    return alphas_cumprod.to(dtype=like.dtype, **to_like)[ts].flatten().reshape(-1, *[1] * (like.ndim - 1))
+    "`alpha_bar` at `timesteps`, (B, 1, ...) on `like`'s device; copies from the host are queued (`to_device`)."
+    ts = to_device(torch.as_tensor(timesteps), like.device)
+    return to_device(alphas_cumprod, like.device, like.dtype)[ts].flatten().reshape(-1, *[1] * (like.ndim - 1))
 
 @patch
 def _alpha_bar_at(self: DDPMScheduler, timesteps, like):

@@ -8,7 +8,7 @@ import inspect, math, numbers
 from dataclasses import dataclass
 import numpy as np
 import torch
-from .core import BaseOutput, ConfigMixin, _REGISTRY
+from .core import BaseOutput, ConfigMixin, _REGISTRY, to_device
 
 # %% auto #0
 __all__ = ['BETA_SCHEDULES', 'TIMESTEP_SPACINGS', 'PREDICTION_TYPES', 'SIGMA_SPACINGS', 'KARRAS_SCHEDULERS',
@@ -310,9 +310,8 @@ class StepIndexMixin:
         else: self._step_index = self.index_for_timestep(timestep)
     def _sigmas_for(self, timesteps, like):
         "The sigmas of `timesteps` (or of the current/begin index when one is set), broadcastable against `like`."
-        to_like = dict(device=like.device, non_blocking=True)    # queued copies: the host does not wait for a GPU
-        sigmas, schedule = self.sigmas.to(dtype=like.dtype, **to_like), self.timesteps.to(**to_like)
-        timesteps = torch.as_tensor(timesteps).reshape(-1).to(**to_like)
+        sigmas, schedule = to_device(self.sigmas, like.device, like.dtype), to_device(self.timesteps, like.device)
+        timesteps = to_device(torch.as_tensor(timesteps).reshape(-1), like.device)
         if self.begin_index is None: idx = [self.index_for_timestep(t, schedule) for t in timesteps]
         else: idx = [self.step_index if self.step_index is not None else self.begin_index] * timesteps.shape[0]
         return sigmas[idx].flatten().reshape(-1, *[1] * (like.ndim - 1))  # (B, 1, 1, 1)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import numpy as np
 import torch
-from .core import register_to_config, patch
+from .core import register_to_config, to_device, patch
 from .schedule import (SchedulerMixin, SchedulerOutput, StepIndexMixin, TIMESTEP_SPACINGS, PREDICTION_TYPES,
                                check_choice, check_num_inference_steps, threshold_sample, train_schedule,
                                sigmas_from_alphas_cumprod, sigma_to_alpha_sigma_t, sigma_to_t, unipc_timesteps,
@@ -46,7 +46,7 @@ def uni_bh_update(x, # (B, ...) sample at s0 (the start of the step)
     D1s = [(m_i - m0) / rk for rk, (_, m_i) in zip(rks, past)]
     hh = -h if predict_x0 else h
     R, b, h_phi_1, B_h = unipc_system(hh, torch.stack(rks + [torch.ones_like(h)]), order, solver_type)  # host maths
-    def solve(A, y): return torch.linalg.solve(A, y).to(x.dtype).to(x.device, non_blocking=True)    # (k,) rhos
+    def solve(A, y): return to_device(torch.linalg.solve(A, y).to(x.dtype), x.device)         # (k,) rhos
     half = torch.full((1,), 0.5, dtype=x.dtype, device=x.device)
     if model_t is None:                                  # UniP: the first order - 1 equations
         rhos = half if order == 2 else solve(R[:-1, :-1], b[:-1]) if order > 2 else None
