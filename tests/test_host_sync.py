@@ -39,7 +39,7 @@ def non_blocking(args, kw): return bool(kw.get('non_blocking') or (len(args) > 2
 @contextmanager
 def watch(scheduler):
     "Count reads of device values and host-to-device copies; what `set_timesteps` moves to a device is tagged."
-    to, set_timesteps = torch.Tensor.to, scheduler.set_timesteps
+    to, own, set_timesteps = torch.Tensor.to, 'to' in vars(torch.Tensor), scheduler.set_timesteps
     def copy(self, *a, **kw):
         out = to(self, *a, **kw)
         if isinstance(self, OnDevice) or not names_device(a, kw): return out
@@ -54,10 +54,13 @@ def watch(scheduler):
     moving_in_set_timesteps = False          # set_timesteps(device=...) is running: what it moves is on the device
     EVENTS.clear(); torch.Tensor.to, scheduler.set_timesteps = copy, tagging_set_timesteps
     try: yield EVENTS
-    finally: torch.Tensor.to = to; del scheduler.set_timesteps
+    finally:
+        if own: torch.Tensor.to = to
+        else: del torch.Tensor.to                  # back to the inherited method, as before
+        del scheduler.set_timesteps
 
 def test_the_watch_counts_reads_and_copies():
-    s, to = DDPMScheduler(), torch.Tensor.to
+    s, to, own = DDPMScheduler(), torch.Tensor.to, 'to' in vars(torch.Tensor)
     with watch(s) as events:
         s.set_timesteps(4, device='cpu')
         x = on_device(torch.ones(2)) * 3                              # stays on the device: not counted
@@ -66,7 +69,7 @@ def test_the_watch_counts_reads_and_copies():
         torch.zeros(()).to('cpu'); torch.zeros(()).to(torch.float16)  # a blocking copy to a device; a cast
         torch.zeros(()).to('cpu', non_blocking=True)                  # queued: the host does not wait
     assert events == Counter(item=1, __bool__=1, __index__=1, host_to_device=1)
-    assert torch.Tensor.to is to and 'set_timesteps' not in vars(s)
+    assert torch.Tensor.to is to and ('to' in vars(torch.Tensor)) == own and 'set_timesteps' not in vars(s)
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
